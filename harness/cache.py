@@ -1,0 +1,144 @@
+"""Content-addressed store of edits and their scores.
+
+An edit's key hashes (method, method version, resolved parameters, model revision, dataset,
+dataset version, sample id, sample manifest fingerprint, seed). Each edit lives in its own
+folder ``<root>/<key[:2]>/<key>/``::
+
+    edit.png      the edited image (status ok)
+    mask.png      the mask the method used, if any
+    edit.json     status, reason, timings, flags: written LAST, it marks the edit complete
+    scores/<h>.json   one file per metric configuration (hash h), written atomically
+
+All writes go to a temporary file and are renamed into place, so a run killed at any moment
+leaves either a complete edit or none; a rerun recomputes only what is incomplete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .images import read_png, save_json, save_png
+from .types import EditResult, EditStatus, ScoreValue
+
+
+def stable_hash(obj: Any, n: int = 24) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def edit_key(
+    *,
+    method: str,
+    method_version: str,
+    params: dict[str, Any],
+    model_revision: str | None,
+    dataset: str,
+    dataset_version: str,
+    sample_id: str,
+    sample_fingerprint: str,
+    seed: int,
+) -> str:
+    return stable_hash(
+        {
+            "method": method,
+            "method_version": method_version,
+            "params": params,
+            "model_revision": model_revision,
+            "dataset": dataset,
+            "dataset_version": dataset_version,
+            "sample_id": sample_id,
+            "sample": sample_fingerprint,
+            "seed": seed,
+        }
+    )
+
+
+class EditRecord:
+    """A stored edit: metadata from edit.json, image and mask read on demand."""
+
+    def __init__(self, folder: Path, meta: dict[str, Any]):
+        self.folder = folder
+        self.meta = meta
+
+    @property
+    def status(self) -> EditStatus:
+        return EditStatus(self.meta["status"])
+
+    def image(self) -> np.ndarray:
+        return read_png(self.folder / "edit.png")
+
+    def mask(self) -> np.ndarray | None:
+        p = self.folder / "mask.png"
+        return read_png(p) if p.is_file() else None
+
+
+class EditStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def folder(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> EditRecord | None:
+        folder = self.folder(key)
+        try:
+            with open(folder / "edit.json") as f:
+                meta = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if meta.get("status") == EditStatus.OK.value and not (folder / "edit.png").is_file():
+            return None
+        return EditRecord(folder, meta)
+
+    def put(self, key: str, result: EditResult, extra: dict[str, Any]) -> EditRecord:
+        folder = self.folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        if result.status == EditStatus.OK:
+            assert result.image is not None
+            save_png(folder / "edit.png", result.image)
+            if result.mask is not None:
+                save_png(folder / "mask.png", np.asarray(result.mask, dtype=bool))
+        meta = {
+            **extra,
+            "key": key,
+            "status": result.status.value,
+            "reason": result.reason,
+            "traceback": result.traceback,
+            "prep_seconds": result.prep_seconds,
+            "infer_seconds": result.infer_seconds,
+            "peak_memory_bytes": result.peak_memory_bytes,
+            "flags": list(result.flags),
+            "info": result.info,
+        }
+        save_json(folder / "edit.json", meta)  # last: marks the edit complete
+        return EditRecord(folder, meta)
+
+    # -- scores ---------------------------------------------------------------------------
+    def get_scores(self, key: str, metric_hash: str) -> list[ScoreValue] | None:
+        try:
+            with open(self.folder(key) / "scores" / f"{metric_hash}.json") as f:
+                rows = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return [ScoreValue(r["metric"], r["region"], _decode(r["value"]), r.get("flag")) for r in rows]
+
+    def put_scores(self, key: str, metric_hash: str, values: list[ScoreValue]) -> None:
+        rows = [{"metric": v.metric, "region": v.region, "value": _encode(v.value), "flag": v.flag} for v in values]
+        save_json(self.folder(key) / "scores" / f"{metric_hash}.json", rows)
+
+
+def _encode(v: float) -> Any:
+    # JSON has no NaN/inf: store them as strings.
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def _decode(v: Any) -> float:
+    return float(v)

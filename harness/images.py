@@ -1,0 +1,177 @@
+"""Image and mask I/O that turns odd inputs into RGB uint8 or a clear error.
+
+Handled: EXIF orientation, 16-bit and 32-bit greyscale, 16-bit colour (via OpenCV), CMYK,
+palette, greyscale and alpha images (alpha composited over white). Truncated and unreadable files
+raise :class:`SampleError` naming the sample and the field. Every conversion is reported back
+as a short note so that it can be recorded with the sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .types import SampleError
+
+
+def _to_rgb_uint8(img: Image.Image, notes: list[str]) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            if not np.all(np.isfinite(arr)):
+                raise ValueError("float image contains NaN or inf")
+            lo, hi = 0.0, 1.0 if arr.max() <= 1.0 else 255.0
+        else:
+            lo, hi = 0.0, 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
+        arr = np.clip(np.round((arr - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        notes.append(f"{mode} greyscale scaled to 8 bits")
+        return np.repeat(arr[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"{mode} alpha composited over white")
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    if mode != "RGB":
+        notes.append(f"{mode} converted to RGB")
+    return np.asarray(img.convert("RGB"))
+
+
+def load_image(path: str | os.PathLike, sample_id: str, field: str, notes: list[str] | None = None) -> np.ndarray:
+    """Load an image file as RGB uint8 HxWx3, or raise SampleError naming sample and field."""
+    notes = notes if notes is not None else []
+    p = Path(path)
+    if not p.is_file():
+        raise SampleError(sample_id, field, f"file not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()  # forces a full decode: truncated files fail here
+            if img.format == "PNG" and img.mode == "RGB" and _png_bit_depth(p) == 16:
+                arr = _load_16bit_colour(p)
+                notes.append(f"{field}: 16-bit colour scaled to 8 bits")
+                return arr
+            orientation = _exif_orientation(img)
+            oriented = ImageOps.exif_transpose(img)
+            if orientation not in (None, 1):
+                notes.append(f"{field}: EXIF orientation {orientation} applied")
+            local: list[str] = []
+            arr = _to_rgb_uint8(oriented, local)
+            notes.extend(f"{field}: {n}" for n in local)
+    except SampleError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise SampleError(sample_id, field, f"unreadable or truncated image {p.name}: {e}") from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise SampleError(sample_id, field, f"image {p.name} has unusable shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def _exif_orientation(img: Image.Image) -> int | None:
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # broken EXIF blocks are ignored, the pixels are still usable
+        return None
+
+
+def _png_bit_depth(p: Path) -> int:
+    with open(p, "rb") as f:
+        head = f.read(33)
+    # PNG signature (8) + IHDR length/type (8) + width, height (8) -> bit depth at byte 24.
+    return head[24] if len(head) > 24 and head[:8] == b"\x89PNG\r\n\x1a\n" else 8
+
+
+def _load_16bit_colour(p: Path) -> np.ndarray:
+    import cv2  # Pillow truncates 16-bit colour PNGs; OpenCV reads them at full depth
+
+    arr = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise OSError("OpenCV could not decode the 16-bit image")
+    arr = arr[..., :3][..., ::-1]  # BGR(A) -> RGB
+    return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
+
+
+def load_mask(
+    path: str | os.PathLike, sample_id: str, field: str, shape: tuple[int, int] | None
+) -> np.ndarray:
+    """Load a mask as bool HxW (pixel > 127 after greyscale conversion; alpha if present)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SampleError(sample_id, field, f"file not found: {p}")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA"):
+                arr = np.asarray(img.getchannel("A"))
+            elif img.mode.startswith("I;16") or img.mode == "I":
+                arr = (np.asarray(img).astype(np.float64) / 257.0)
+            else:
+                arr = np.asarray(img.convert("L"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise SampleError(sample_id, field, f"unreadable or truncated mask {p.name}: {e}") from None
+    mask = arr > 127
+    if shape is not None and mask.shape != tuple(shape):
+        raise SampleError(
+            sample_id,
+            field,
+            f"mask {p.name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is {shape[1]}x{shape[0]}",
+        )
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes: write to a temporary file in the same folder, then os.replace.
+# ----------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_png(path: str | os.PathLike, arr: np.ndarray, compress_level: int = 1) -> None:
+    """Atomically save an RGB uint8 image or a bool mask as PNG."""
+    if arr.dtype == bool:
+        img = Image.fromarray(arr.astype(np.uint8) * 255, mode="L")
+    else:
+        img = Image.fromarray(arr)
+    _atomic_write(Path(path), lambda f: img.save(f, format="PNG", compress_level=compress_level))
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=True, default=_json_default, allow_nan=True).encode()
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def save_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG the harness wrote itself (RGB or L)."""
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    return arr > 127 if arr.ndim == 2 else arr

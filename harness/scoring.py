@@ -1,0 +1,128 @@
+"""A metric suite: the metrics of one protocol (``conf/metrics/<protocol>.yaml``), built once.
+
+Config shape::
+
+    protocol: default          # written into every score row and table caption
+    reference: source          # image the edit is compared with: source | target
+    region_rule: area          # area | zero_fill
+    regions: [all, edited, unedited]
+    batch_size: 8
+    items:                     # reported name -> {metric: <registered class>, ...params}
+      l1: {}
+      lpips_alex: {metric: lpips, net: alex}
+
+Each item is hashed (protocol, class, params); that hash keys its cached scores, so changing
+one metric's configuration rescores only that metric.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import traceback
+from typing import Any, Mapping, Sequence
+
+from .cache import stable_hash
+from . import metrics as _metrics  # noqa: F401  (registers every metric)
+from .metrics.base import Metric, ScoringItem
+from .registry import METRICS
+from .types import ScoreValue
+
+COMMON_KEYS = ("protocol", "reference", "region_rule", "regions")
+
+
+@dataclasses.dataclass
+class SuiteEntry:
+    name: str
+    metric: Metric
+    hash: str
+    unavailable: str | None = None
+    loaded: bool = False
+
+
+class MetricSuite:
+    def __init__(self, cfg: Mapping[str, Any]):
+        cfg = dict(cfg)
+        self.protocol = str(cfg.get("protocol", "default"))
+        self.batch_size = int(cfg.get("batch_size", 8))
+        if self.batch_size < 1:
+            raise ValueError(f"metrics.batch_size must be >= 1, got {self.batch_size}")
+        common = {k: cfg[k] for k in COMMON_KEYS if k in cfg}
+        common["protocol"] = self.protocol
+        if "regions" in common:
+            common["regions"] = tuple(common["regions"])
+        items = cfg.get("items") or {}
+        if not items:
+            raise ValueError(f"metrics protocol '{self.protocol}' lists no items")
+        self.entries: list[SuiteEntry] = []
+        for name, item in items.items():
+            item = dict(item or {})
+            cls_name = item.pop("metric", name)
+            cls = METRICS.get(cls_name)
+            kwargs = {**common, **item}
+            try:
+                metric = cls(name=name, **kwargs)
+            except TypeError as e:
+                raise ValueError(f"metric '{name}' ({cls_name}) in protocol '{self.protocol}': {e}") from None
+            h = stable_hash({"class": cls_name, "version": getattr(cls, "version", "1"), "params": kwargs, "name": name}, 16)
+            self.entries.append(SuiteEntry(name, metric, h, metric.available()))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            e.name: {
+                "weights": e.metric.weights(),
+                "region_rule": e.metric.region_rule(),
+                "higher_is_better": e.metric.higher_is_better,
+                "unavailable": e.unavailable,
+                "hash": e.hash,
+            }
+            for e in self.entries
+        }
+
+    def unavailable_rows(self, entry: SuiteEntry) -> list[ScoreValue]:
+        return [ScoreValue(entry.name, r, math.nan, "unavailable") for r in entry.metric.regions()]
+
+    @staticmethod
+    def applies(entry: SuiteEntry, item: ScoringItem) -> bool:
+        """Whether a metric applies to a sample at all (a landmark metric to a face sample, say).
+
+        A metric that does not apply gives no rows; NaN rows are kept for what should have
+        been measurable (an empty region, no face found), so those are counted in tables.
+        """
+        if item.sample.missing(entry.metric.requires):
+            return False
+        check = getattr(entry.metric, "applies", None)
+        return bool(check(item.sample)) if check is not None else True
+
+    def score(self, entry: SuiteEntry, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
+        """Score a batch with one metric; a metric that raises gives NaN rows flagged, never a crash.
+
+        Items the metric does not apply to get an empty list.
+        """
+        idx = [i for i, it in enumerate(items) if self.applies(entry, it)]
+        out: list[list[ScoreValue]] = [[] for _ in items]
+        if idx:
+            for i, rows in zip(idx, self._score(entry, [items[i] for i in idx])):
+                out[i] = rows
+        return out
+
+    def _score(self, entry: SuiteEntry, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
+        if entry.unavailable:
+            return [self.unavailable_rows(entry) for _ in items]
+        if not entry.loaded:
+            entry.metric.load()
+            entry.loaded = True
+        try:
+            out = entry.metric.score_batch(items)
+            if len(out) != len(items):
+                raise RuntimeError(f"metric returned {len(out)} results for {len(items)} items")
+            return out
+        except Exception as e:  # one bad item must not stop the sweep: retry one by one
+            if len(items) > 1:
+                return [r for it in items for r in self._score(entry, [it])]
+            flag = f"error:{type(e).__name__}"
+            item = items[0]
+            entry.metric_errors = getattr(entry, "metric_errors", [])  # type: ignore[attr-defined]
+            entry.metric_errors.append(  # type: ignore[attr-defined]
+                {"sample_id": item.sample.id, "error": str(e), "traceback": traceback.format_exc()}
+            )
+            return [[ScoreValue(entry.name, r, math.nan, flag) for r in entry.metric.regions()]]

@@ -1,0 +1,143 @@
+"""Core records that flow through the harness: samples, edits and scores.
+
+Nothing here imports torch: the cached-rerun path must stay fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any
+
+import numpy as np
+
+# Sample fields a method or metric may declare in ``requires``.
+SAMPLE_FIELDS = (
+    "source",
+    "target",
+    "instruction",
+    "source_caption",
+    "target_caption",
+    "mask",
+    "category",
+    "part",
+    "turn",
+    "session",
+    "source_points",
+    "target_points",
+    "point_layout",
+    "reference",
+    "reference_mask",
+)
+
+# Edit categories known to the harness; datasets may use others, reports group by any string.
+CATEGORIES = (
+    "add",
+    "remove",
+    "change_object",
+    "change_color",
+    "change_material",
+    "change_background",
+    "move",
+    "paste",
+    "face_drag",
+)
+
+
+class SampleError(ValueError):
+    """A sample cannot be used: names the sample and the field at fault."""
+
+    def __init__(self, sample_id: str, field: str, message: str):
+        self.sample_id = sample_id
+        self.field = field
+        self.message = message
+        super().__init__(f"sample '{sample_id}', field '{field}': {message}")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One editing task. Images are RGB uint8 HxWx3; masks are bool HxW (True = should change).
+
+    Points are float arrays of shape (N, 2) in (x, y) pixel coordinates of the source image.
+    """
+
+    id: str
+    dataset: str
+    source: np.ndarray
+    target: np.ndarray | None = None
+    instruction: str | None = None
+    source_caption: str | None = None
+    target_caption: str | None = None
+    mask: np.ndarray | None = None
+    category: str | None = None
+    part: str | None = None
+    turn: int | None = None
+    session: str | None = None
+    source_points: np.ndarray | None = None
+    target_points: np.ndarray | None = None
+    point_layout: str | None = None
+    reference: np.ndarray | None = None
+    reference_mask: np.ndarray | None = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def missing(self, fields: tuple[str, ...] | list[str]) -> list[str]:
+        """The fields among ``fields`` that this sample does not have."""
+        unknown = [f for f in fields if f not in SAMPLE_FIELDS]
+        if unknown:
+            raise ValueError(f"unknown sample field(s) {unknown}; known: {', '.join(SAMPLE_FIELDS)}")
+        return [f for f in fields if getattr(self, f) is None]
+
+
+class EditStatus(str, enum.Enum):
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclasses.dataclass
+class MethodOutput:
+    """What a method's ``edit`` returns."""
+
+    image: np.ndarray
+    mask: np.ndarray | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class SkipSample(Exception):
+    """Raised by a method for a sample it cannot handle; becomes a skipped row with the reason."""
+
+
+@dataclasses.dataclass
+class EditResult:
+    """One cached edit: the image (when ok), the mask the method used, status and costs."""
+
+    status: EditStatus
+    image: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    reason: str | None = None
+    traceback: str | None = None
+    prep_seconds: float = 0.0
+    infer_seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+    flags: list[str] = dataclasses.field(default_factory=list)
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreValue:
+    """One number from one metric on one edit.
+
+    ``region`` is ``all``, ``edited`` (mask) or ``unedited`` (1 - mask) for image metrics, or a
+    metric-specific name (``68pt``, ``17pt``). ``flag`` says why a value is NaN or special.
+    """
+
+    metric: str
+    region: str
+    value: float
+    flag: str | None = None
+
+    def __post_init__(self):
+        v = float(self.value)
+        object.__setattr__(self, "value", v)
+        if math.isnan(v) and not self.flag:
+            raise ValueError(f"metric {self.metric}/{self.region}: a NaN score must carry a flag")

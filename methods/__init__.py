@@ -1,0 +1,6 @@
+"""Method adapters. Importing this package registers every method in ``harness.registry.METHODS``.
+
+Each module is imported explicitly: the list below is the set of method names.
+No module here imports torch at import time.
+"""
+from . import folder, identity, inpaint, move, paste, recolor  # noqa: F401

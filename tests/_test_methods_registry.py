@@ -1,0 +1,80 @@
+"""Methods registered only by the tests: slow, failing and misbehaving adapters."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+
+from harness.method import Method
+from harness.registry import METHODS
+from harness.types import MethodOutput
+
+
+@METHODS.register("test_slow")
+class SlowIdentity(Method):
+    """Identity that sleeps, so a subprocess can be killed mid-sweep."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        sleep: float = 0.2
+
+    def edit(self, sample, seed):
+        time.sleep(self.params.sleep)
+        return MethodOutput(image=sample.source.copy(), info={"prep_seconds": 0.0})
+
+
+@METHODS.register("test_flaky")
+class Flaky(Method):
+    """Fails on sample ids listed in the env var TEST_FLAKY_IDS; counts its calls in a file."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def edit(self, sample, seed):
+        counter = os.environ.get("TEST_FLAKY_COUNTER")
+        if counter:
+            with open(counter, "a") as f:
+                f.write(sample.id + "\n")
+        if sample.id in os.environ.get("TEST_FLAKY_IDS", "").split(","):
+            raise RuntimeError(f"boom on {sample.id}")
+        return MethodOutput(image=sample.source.copy())
+
+
+@METHODS.register("test_bad_output")
+class BadOutput(Method):
+    """Returns a NaN float image, an all-black image or a wrong shape, by sample id suffix."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def edit(self, sample, seed):
+        h, w = sample.source.shape[:2]
+        if sample.id.endswith("nan"):
+            img = np.full((h, w, 3), np.nan, np.float32)
+            return MethodOutput(image=img)
+        if sample.id.endswith("black"):
+            return MethodOutput(image=np.zeros((h, w, 3), np.uint8))
+        if sample.id.endswith("gray"):
+            return MethodOutput(image=np.zeros((h, w), np.uint8))
+        if sample.id.endswith("small"):
+            return MethodOutput(image=sample.source[: h // 2, : w // 2].copy())
+        return MethodOutput(image=sample.source.copy())
+
+
+@METHODS.register("test_unprepared")
+class NeedsWeights(Method):
+    """A method whose weights are missing: prepare raises."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        pass
+
+    def prepare(self):
+        raise FileNotFoundError("weights 'org/model' not found in the hub cache; pass model=<local path>")
+
+    def edit(self, sample, seed):  # pragma: no cover - never reached
+        return MethodOutput(image=sample.source.copy())

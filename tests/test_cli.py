@@ -1,0 +1,142 @@
+"""The edit-harness command: Hydra runs and sweeps, report, score, validate, list."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from harness.cli import main
+
+from .conftest import REPO
+
+FAST = ["metrics.items={l1:{},l2:{}}", "progress=false"]
+
+
+def _run(args, tmp_path, capsys=None):
+    rc = main(["run", f"results_dir={tmp_path}", *FAST, *args])
+    return rc
+
+
+def test_unknown_method_lists_methods(tmp_path, capsys):
+    assert main(["run", "method=nope", f"results_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method 'nope'" in err and "identity" in err and "inpaint" in err
+
+
+def test_unknown_dataset_and_protocol_list_options(tmp_path, capsys):
+    assert main(["run", "dataset=nope"]) == 2
+    assert "available: " in capsys.readouterr().err
+    assert main(["run", "metrics=nope"]) == 2
+    assert "default" in capsys.readouterr().err
+
+
+def test_unknown_parameter_lists_parameters(tmp_path, capsys):
+    assert main(["run", "method=inpaint", "method.bogus=3"]) == 2
+    err = capsys.readouterr().err
+    assert "no parameter(s) bogus" in err and "algorithm" in err and "radius" in err
+    # In a sweep over methods, a parameter must exist in each of them.
+    assert main(["run", "-m", "method=inpaint,recolor", "method.radius=3"]) == 2
+    assert "method 'recolor' has no parameter(s) radius" in capsys.readouterr().err
+
+
+def test_bad_parameter_value_fails_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _run(["method=recolor", "method.strength=5.0", "dataset.limit=1"], tmp_path)
+    assert e.value.code == 2
+    assert "strength" in capsys.readouterr().err
+
+
+def test_single_run_writes_results_and_report(tmp_path):
+    assert _run(["method=inpaint", "dataset.limit=4", "run_name=one"], tmp_path) == 0
+    run = tmp_path / "one"
+    jobs = list((run / "jobs").iterdir())
+    assert len(jobs) == 1
+    for f in ("scores.parquet", "edits.parquet", "manifest.json", "failures.json"):
+        assert (jobs[0] / f).is_file()
+    man = json.loads((jobs[0] / "manifest.json").read_text())
+    assert man["method"]["name"] == "inpaint" and man["seed"] == 0 and man["versions"]["numpy"]
+    assert man["config"]["dataset"]["limit"] == 4
+    assert (run / "report" / "table.md").is_file() and (run / "report" / "table.tex").is_file()
+    assert list((run / "report").glob("*.png"))
+
+
+def test_multirun_sweep_and_report_rebuild(tmp_path):
+    args = ["-m", "method=recolor", "method.strength=0.0,0.5,1.0", "dataset.limit=6", "run_name=sweep"]
+    assert _run(args, tmp_path) == 0
+    run = tmp_path / "sweep"
+    assert len(list((run / "jobs").iterdir())) == 3
+    report = run / "report"
+    assert list(report.glob("plot_*_vs_strength.png"))
+    before = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
+    edits_before = sorted((run / "edits").rglob("edit.json"))
+    shutil.rmtree(report)
+    assert main(["report", str(run)]) == 0
+    after = {p.name: p.read_bytes() for p in report.iterdir() if p.is_file()}
+    assert before == after
+    assert sorted((run / "edits").rglob("edit.json")) == edits_before
+    # Rerunning the sweep recomputes nothing.
+    assert _run(args, tmp_path) == 0
+    for job in (run / "jobs").iterdir():
+        outcome = json.loads((job / "manifest.json").read_text())["outcome"]
+        assert outcome["computed"] == 0 and outcome["scored"] == 0
+
+
+def test_joblib_launcher(tmp_path):
+    args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=identity,inpaint",
+            "dataset.limit=3", "run_name=par"]
+    assert _run(args, tmp_path) == 0
+    assert len(list((tmp_path / "par" / "jobs").iterdir())) == 2
+    assert (tmp_path / "par" / "report" / "table.md").is_file()
+
+
+def test_score_a_folder_of_outside_edits(tmp_path):
+    from harness.data import GenericDataset
+
+    ds = GenericDataset(REPO / "datasets" / "sample")
+    refs = ds.refs()[:3]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for r in refs:
+        Image.fromarray(ds.load(r).source).save(folder / f"{r.id}.png")
+    rc = main(["score", str(folder), "--run-name", "outside", f"results_dir={tmp_path}", *FAST])
+    assert rc == 0
+    scores = pd.concat(pd.read_parquet(p) for p in (tmp_path / "outside" / "jobs").rglob("scores.parquet"))
+    edits = pd.concat(pd.read_parquet(p) for p in (tmp_path / "outside" / "jobs").rglob("edits.parquet"))
+    assert set(scores.method) == {"mine"}
+    ok = edits[edits.status == "ok"]
+    assert set(ok.sample_id) == {r.id for r in refs}
+    assert (scores[scores.sample_id.isin(ok.sample_id)].value.dropna() == 0).all()
+    skipped = edits[edits.status == "skipped"]
+    assert len(skipped) == len(ds.refs()) - 3 and skipped.reason.str.contains("no edit named").all()
+
+
+def test_validate_command(builder, capsys):
+    assert main(["validate", "sample"]) == 0
+    assert "0 problem(s)" in capsys.readouterr().out
+    builder.add_simple("ok")
+    builder.add(id="bad", source="images/none.png")
+    assert main(["validate", str(builder.root)]) == 1
+    out = capsys.readouterr().out
+    assert "ERROR sample 'bad', field 'source'" in out and "1 problem(s)" in out
+
+
+def test_list_command(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("identity", "inpaint", "recolor", "paste", "move", "lpips", "landmark_mse"):
+        assert name in out
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "edit-harness"
+    if not exe.exists():
+        pytest.skip("console script not installed in this environment")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "edit-harness run" in out.stdout
