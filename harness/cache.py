@@ -94,14 +94,8 @@ class EditStore:
             return None
         return EditRecord(folder, meta)
 
-    def put(self, key: str, result: EditResult, extra: dict[str, Any]) -> EditRecord:
-        folder = self.folder(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        if result.status == EditStatus.OK:
-            assert result.image is not None
-            save_png(folder / "edit.png", result.image)
-            if result.mask is not None:
-                save_png(folder / "mask.png", np.asarray(result.mask, dtype=bool))
+    def record_for(self, key: str, result: EditResult, extra: dict[str, Any]) -> EditRecord:
+        """The record ``put`` will store, available before the files are written."""
         meta = {
             **extra,
             "key": key,
@@ -114,8 +108,18 @@ class EditStore:
             "flags": list(result.flags),
             "info": result.info,
         }
-        save_json(folder / "edit.json", meta)  # last: marks the edit complete
-        return EditRecord(folder, meta)
+        return EditRecord(self.folder(key), meta)
+
+    def put(self, key: str, result: EditResult, extra: dict[str, Any]) -> EditRecord:
+        rec = self.record_for(key, result, extra)
+        rec.folder.mkdir(parents=True, exist_ok=True)
+        if result.status == EditStatus.OK:
+            assert result.image is not None
+            save_png(rec.folder / "edit.png", result.image)
+            if result.mask is not None:
+                save_png(rec.folder / "mask.png", np.asarray(result.mask, dtype=bool))
+        save_json(rec.folder / "edit.json", rec.meta)  # last: marks the edit complete
+        return rec
 
     # -- scores ---------------------------------------------------------------------------
     def get_scores(self, key: str, metric_hash: str) -> list[ScoreValue] | None:

@@ -142,13 +142,29 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_png(path: str | os.PathLike, arr: np.ndarray, compress_level: int = 1) -> None:
-    """Atomically save an RGB uint8 image or a bool mask as PNG."""
+def encode_png(arr: np.ndarray) -> bytes:
+    """PNG bytes of an RGB uint8 image or a bool mask.
+
+    OpenCV's encoder with zlib level 1 and the RLE strategy is about twice as fast as Pillow's
+    at its fastest setting on 512 px photos, for files about 10% larger; edits are written once
+    and read a few times, so speed wins.
+    """
+    import cv2
+
     if arr.dtype == bool:
-        img = Image.fromarray(arr.astype(np.uint8) * 255, mode="L")
+        data = arr.astype(np.uint8) * 255
     else:
-        img = Image.fromarray(arr)
-    _atomic_write(Path(path), lambda f: img.save(f, format="PNG", compress_level=compress_level))
+        data = np.ascontiguousarray(arr[..., ::-1])  # RGB -> BGR for OpenCV
+    ok, buf = cv2.imencode(".png", data, [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
+    if not ok:
+        raise OSError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def save_png(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """Atomically save an RGB uint8 image or a bool mask as PNG."""
+    data = encode_png(arr)
+    _atomic_write(Path(path), lambda f: f.write(data))
 
 
 def save_json(path: str | os.PathLike, obj: Any) -> None:

@@ -58,6 +58,7 @@ class JobConfig:
     progress: bool = True
     retry_failed: bool = True
     memory: str = "auto"  # auto | tracemalloc | cuda | off
+    writers: int = 2  # threads writing edit files (0: write synchronously)
     score: bool = True
 
     @classmethod
@@ -80,6 +81,8 @@ def canonical_params(params: Mapping[str, Any]) -> str:
 
 
 def build_method(cfg: Mapping[str, Any]) -> Method:
+    import methods  # noqa: F401  (registers every method; needed in fresh launcher processes)
+
     cfg = dict(cfg)
     name = cfg.pop("name", None)
     if name is None:
@@ -288,30 +291,44 @@ class Job:
         )
 
     def edit_all(self, refs: list[SampleRef]) -> tuple[list[tuple[SampleRef, str, EditRecord]], int, int]:
+        """Make or find every edit. Files are written by a small thread pool (PNG encoding
+        releases the GIL) while the next edit is computed; all writes finish before return."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         from tqdm.auto import tqdm
 
         records = []
         computed = cached = 0
-        bar = tqdm(refs, desc=f"edit {self.method.name}", unit="edit", disable=not self.cfg.progress, leave=False)
-        for ref in bar:
-            key = self.key_for(ref)
-            rec = self.store.get(key)
-            if rec is not None and not (self.cfg.retry_failed and rec.status == EditStatus.FAILED):
-                cached += 1
-            else:
-                result, cacheable = self.compute(ref)
-                extra = {"sample_id": ref.id, "method": self.method.name, "params": self.params,
-                         "dataset": self.dataset.name, "seed": self.cfg.seed,
-                         "model_revision": self.method.model_revision()}
-                if cacheable:
-                    rec = self.store.put(key, result, extra)
+        writers = max(int(self.cfg.writers), 0)
+        pool = ThreadPoolExecutor(writers) if writers else None
+        pending: deque = deque()
+        bar = tqdm(refs, desc=f"edit {self.method.label()}", unit="edit", disable=not self.cfg.progress, leave=False)
+        try:
+            for ref in bar:
+                key = self.key_for(ref)
+                rec = self.store.get(key)
+                if rec is not None and not (self.cfg.retry_failed and rec.status == EditStatus.FAILED):
+                    cached += 1
                 else:
-                    rec = EditRecord(self.store.folder(key), {**extra, "key": key, "status": result.status.value,
-                                                               "reason": result.reason, "traceback": result.traceback,
-                                                               "prep_seconds": 0.0, "infer_seconds": 0.0,
-                                                               "peak_memory_bytes": None, "flags": [], "info": {}})
-                computed += 1
-            records.append((ref, key, rec))
+                    result, cacheable = self.compute(ref)
+                    extra = {"sample_id": ref.id, "method": self.method.name, "params": self.params,
+                             "dataset": self.dataset.name, "seed": self.cfg.seed,
+                             "model_revision": self.method.model_revision()}
+                    rec = self.store.record_for(key, result, extra)
+                    if cacheable and pool is not None:
+                        pending.append(pool.submit(self.store.put, key, result, extra))
+                        while len(pending) > 2 * writers:  # bounded memory: wait for the oldest
+                            pending.popleft().result()
+                    elif cacheable:
+                        self.store.put(key, result, extra)
+                    computed += 1
+                records.append((ref, key, rec))
+            while pending:
+                pending.popleft().result()
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         return records, computed, cached
 
     # -- scores ---------------------------------------------------------------------------

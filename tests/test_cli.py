@@ -140,3 +140,15 @@ def test_console_script_help():
         pytest.skip("console script not installed in this environment")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "edit-harness run" in out.stdout
+
+
+def test_submitit_local_launcher(builder, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    for i in range(2):
+        builder.add_simple(f"s{i}")
+    args = ["-m", "hydra/launcher=submitit_local", "method=identity,inpaint", f"dataset.root={builder.root}",
+            "dataset.name=syn", "run_name=sub"]
+    assert _run(args, tmp_path) == 0
+    jobs = sorted(p.name for p in (tmp_path / "sub" / "jobs").iterdir())
+    assert [j.split("-")[0] for j in jobs] == ["identity", "inpaint"]
+    assert (tmp_path / "sub" / "report" / "table.md").is_file()
