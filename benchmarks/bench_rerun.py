@@ -1,7 +1,7 @@
 """Re-running a finished sweep of >= 1000 edits (target: <= 5 s), through the real CLI.
 
 The sweep: inpaint at 10 radii (a Hydra multirun of 10 jobs) on 100 synthetic 64x64 samples,
-scored with the default protocol's formula metrics (l1, l2, psnr, ssim). The first run computes
+scored with the full default protocol (l1, l2, psnr, ssim, lpips alex and vgg). The first run computes
 everything; the rerun must find every edit and score in the cache and rebuild nothing.
 Usage: python benchmarks/bench_rerun.py [--samples 100]
 """
@@ -32,7 +32,7 @@ def main() -> None:
         ds = make_dataset(tmp / "data", a.samples, a.size)
         cmd = [sys.executable, "-m", "harness.cli", "run", "-m", "method=inpaint", f"method.radius={radii}",
                f"dataset.root={ds['root']}", "dataset.name=bench", f"results_dir={tmp / 'res'}", "run_name=rerun",
-               "metrics.items={l1:{},l2:{},psnr:{data_range:1.0},ssim:{data_range:1.0}}", "progress=false"]
+               "metrics=default", "progress=false"]
         timings = []
         for label in ("first run", "rerun", "rerun again"):
             t0 = time.perf_counter()

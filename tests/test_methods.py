@@ -92,7 +92,9 @@ METHOD_YAMLS = sorted((ROOT / "conf" / "method").glob("*.yaml"))
 
 def test_every_method_has_a_yaml():
     names = {p.stem for p in METHOD_YAMLS}
-    missing = [n for n in METHODS.names() if n not in names]
+    # Methods registered by the tests themselves (tests/_test_methods_registry.py) have no YAML.
+    shipped = [n for n in METHODS.names() if METHODS.get(n).__module__.startswith("methods.")]
+    missing = [n for n in shipped if n not in names]
     assert not missing, f"registered methods without conf/method/<name>.yaml: {missing}"
 
 

@@ -1,0 +1,29 @@
+"""Metrics. Importing this package registers every metric (explicit imports below).
+
+No module here imports torch, torchmetrics, lpips or dlib at import time.
+"""
+from .base import (  # noqa: F401
+    REGION_RULE_TEXT,
+    REGION_RULES,
+    REGIONS,
+    ImageMetric,
+    ImagePair,
+    Metric,
+    MetricUnavailable,
+    ScoringItem,
+    region_flag,
+    region_masks,
+    region_mean,
+    resize_like,
+    resize_mask_like,
+    to_float01,
+)
+from . import pixel  # noqa: F401  (l1, l2, psnr)
+from . import ssim  # noqa: F401  (ssim)
+from . import perceptual  # noqa: F401  (lpips)
+from . import landmarks  # noqa: F401  (landmark_mse)
+
+__all__ = [
+    "REGION_RULE_TEXT", "REGION_RULES", "REGIONS", "ImageMetric", "ImagePair", "Metric", "MetricUnavailable",
+    "ScoringItem", "region_flag", "region_masks", "region_mean", "resize_like", "resize_mask_like", "to_float01",
+]
