@@ -100,7 +100,10 @@ def _hydra_run(overrides: list[str]) -> int:
         if cfg.report and HydraConfig.get().mode != RunMode.MULTIRUN:
             report_run([job.run_dir], job.run_dir / "report")
 
-    sys.argv = ["edit-harness run", *overrides]
+    # Hydra's parser wants flags before overrides; accept them anywhere.
+    flags = [a for a in overrides if a.startswith("-")]
+    rest = [a for a in overrides if not a.startswith("-")]
+    sys.argv = ["edit-harness run", *flags, *rest]
     task()
     return 0
 
@@ -169,7 +172,7 @@ def _cmd_score(argv: Sequence[str]) -> int:
     ap.add_argument("--name", help="method name shown in tables (default: the folder's name)")
     ap.add_argument("--run-name", help="results/<run-name> (default: score-<folder name>)")
     ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     if not a.edits_dir.is_dir():
         raise UsageError(f"edits folder not found: {a.edits_dir}")
     label = a.name or a.edits_dir.resolve().name

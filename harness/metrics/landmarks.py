@@ -123,6 +123,10 @@ class LandmarkMSE(Metric):
     requires: ClassVar[tuple[str, ...]] = ("target_points", "point_layout")
     param_defaults: ClassVar[dict[str, Any]] = {"predictor_path": None, "upsample": 1}
 
+    def applies(self, sample: Sample) -> bool:
+        """Only face samples with 68-point landmarks; drag points of a move are not landmarks."""
+        return sample.point_layout == LAYOUT
+
     def __init__(
         self,
         *,

@@ -1,0 +1,553 @@
+"""Write a run's report: long summary, wide tables (Markdown, CSV, LaTeX), edit status, plots.
+
+``write_report`` is a pure, deterministic function of the jobs' tables: no timestamps,
+a fixed bootstrap seed, stable ordering, PNGs without software metadata. Two calls on the
+same inputs give byte-identical files.
+
+Reading the CSV tables: ``table.csv`` and ``table_by_category.csv`` start with a caption
+block of ``# `` lines; read them with ``pandas.read_csv(path, comment="#")``.
+``summary.csv`` has no caption block (its protocol, weights and region rule are columns).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .aggregate import (
+    BOOTSTRAP_SEED,
+    CI_LEVEL,
+    N_RESAMPLES,
+    column_label,
+    edit_summary,
+    expand_params,
+    format_params,
+    load_run,
+    metric_columns,
+    params_sort_key,
+    summarize,
+    swept_params,
+)
+from .plots import _atomic_write, plot_bars, plot_metric_vs_param, safe_name
+
+CSV_FLOAT = "%.12g"
+
+
+# ----------------------------------------------------------------------------------------------
+# formatting
+# ----------------------------------------------------------------------------------------------
+def fmt(v: Any, digits: int = 4) -> str:
+    """A number with ``digits`` significant digits; inf as "inf", NaN/None as "n/a"."""
+    if v is None:
+        return "n/a"
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    if x == 0:
+        return "0"
+    s = f"{x:#.{digits}g}"
+    if "e" in s:
+        mant, exp = s.split("e")
+        return f"{mant}e{int(exp)}"
+    return s
+
+
+def fmt_ci(mean: float, lo: float, hi: float) -> str:
+    """``"0.1234 [0.1100, 0.1350]"``; non-finite means alone ("inf", "n/a")."""
+    if mean is None or not np.isfinite(mean):
+        return fmt(mean)
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return fmt(mean)
+    return f"{fmt(mean)} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def fmt_bytes(b: float) -> str:
+    if b is None or not np.isfinite(b):
+        return "n/a"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if b >= scale:
+            return f"{fmt(b / scale)} {unit}"
+    return f"{int(b)} B"
+
+
+def arrow(higher_is_better: bool) -> str:
+    return "↑" if higher_is_better else "↓"
+
+
+def md_escape(s: Any) -> str:
+    return str(s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+_TEX = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "↑": r"$\uparrow$", "↓": r"$\downarrow$", "→": r"$\rightarrow$", "…": r"\ldots{}",
+}
+
+
+def tex_escape(s: Any) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))
+
+
+def rank_marks(values: Sequence[float], higher_is_better: bool) -> list[str | None]:
+    """"best" / "second" / None per value, ignoring NaN; ties share a mark.
+
+    Best is marked when at least two values are present, second when at least three.
+    """
+    vals = [float(v) if v is not None else math.nan for v in values]
+    present = [v for v in vals if not math.isnan(v)]
+    out: list[str | None] = [None] * len(vals)
+    if len(present) < 2:
+        return out
+    distinct = sorted(set(present), reverse=higher_is_better)
+    best = distinct[0]
+    second = distinct[1] if len(distinct) > 1 and len(present) >= 3 else None
+    for i, v in enumerate(vals):
+        if math.isnan(v):
+            continue
+        if v == best:
+            out[i] = "best"
+        elif second is not None and v == second:
+            out[i] = "second"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# ordering and table model
+# ----------------------------------------------------------------------------------------------
+def _group_keys(scores: pd.DataFrame, edits: pd.DataFrame) -> list[str]:
+    """method and params, preceded by run / dataset when the inputs hold several."""
+    return [c for c in ("run", "dataset") if len(_distinct(scores, edits, c)) > 1] + ["method", "params"]
+
+
+def _sort_value(col: str, v: Any) -> tuple:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return (1, ())
+    if col == "params":
+        return (0, params_sort_key(v))
+    return (0, str(v))
+
+
+def _order(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Rows sorted by keys, params in natural order (numbers by value); stable."""
+    if len(df) == 0:
+        return df.reset_index(drop=True)
+    recs = df[list(keys)].to_dict("records")
+    idx = sorted(range(len(df)), key=lambda i: tuple(_sort_value(k, recs[i][k]) for k in keys))
+    return df.iloc[idx].reset_index(drop=True)
+
+
+class Table:
+    """A wide table model: rows = groups, columns = (metric, region) pairs, cells = stats."""
+
+    def __init__(self, summary: pd.DataFrame, row_keys: Sequence[str], partition: Sequence[str]):
+        self.row_keys = list(row_keys)
+        self.partition = list(partition)
+        self.summary = summary
+        self.columns = metric_columns(summary) if len(summary) else []
+        self.rows = summary[self.row_keys].drop_duplicates().to_dict("records") if len(summary) else []
+        self.cells: dict[tuple, dict[str, Any]] = {}
+        for r in summary.to_dict("records"):
+            self.cells[(self._rk(r), r["metric"], r["region"])] = r
+        self.hib = {}
+        for (m, reg) in self.columns:
+            d = summary[(summary["metric"] == m) & (summary["region"] == reg)]
+            self.hib[(m, reg)] = bool(d["higher_is_better"].iloc[0])
+        self.marks: dict[tuple, str | None] = {}
+        for col in self.columns:
+            parts: dict[tuple, list[int]] = {}
+            for i, row in enumerate(self.rows):
+                parts.setdefault(tuple(str(row[p]) for p in self.partition), []).append(i)
+            for members in parts.values():
+                vals = [self.cell(self.rows[i], col).get("mean", math.nan) for i in members]
+                for i, mk in zip(members, rank_marks(vals, self.hib[col])):
+                    self.marks[(i, col)] = mk
+
+    def _rk(self, r: dict[str, Any]) -> tuple:
+        return tuple(str(r[k]) for k in self.row_keys)
+
+    def cell(self, row: dict[str, Any], col: tuple[str, str]) -> dict[str, Any]:
+        return self.cells.get((self._rk(row), col[0], col[1]), {})
+
+    def n(self, row: dict[str, Any]) -> int:
+        tot = [c["n"] + c["n_nan"] for col in self.columns if (c := self.cell(row, col))]
+        return int(max(tot)) if tot else 0
+
+    def header(self, col: tuple[str, str]) -> str:
+        return f"{column_label(*col)} {arrow(self.hib[col])}"
+
+
+def _key_title(k: str) -> str:
+    return {"run": "Run", "dataset": "Dataset", "method": "Method", "params": "Params", "category": "Category"}.get(k, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# caption
+# ----------------------------------------------------------------------------------------------
+def _metric_info(summary: pd.DataFrame) -> dict[str, dict[str, str]]:
+    info: dict[str, dict[str, str]] = {}
+    for m in sorted({str(x) for x in summary["metric"]}) if len(summary) else []:
+        d = summary[summary["metric"] == m]
+
+        def join(col: str) -> str:
+            vals = sorted({p.strip() for v in d[col] for p in str(v).split("; ")})
+            return "; ".join(vals)
+
+        info[m] = {"weights": join("weights"), "region_rule": join("region_rule"), "protocol": join("protocol"),
+                   "direction": arrow(bool(d["higher_is_better"].iloc[0]))}
+    return info
+
+
+def _nan_totals(summary: pd.DataFrame) -> list[str]:
+    """Per column: total NaN values excluded, with their flags."""
+    out = []
+    if not len(summary):
+        return out
+    for (m, r) in metric_columns(summary):
+        d = summary[(summary["metric"] == m) & (summary["region"] == r)]
+        nn = int(d["n_nan"].sum())
+        if nn:
+            flags: dict[str, int] = {}
+            for f in d["flags"]:
+                for part in filter(None, str(f).split(", ")):
+                    k, _, c = part.rpartition(": ")
+                    flags[k] = flags.get(k, 0) + int(c)
+            fl = ", ".join(f"{k}: {v}" for k, v in sorted(flags.items()))
+            out.append(f"{column_label(m, r)}: {nn} NaN" + (f" (flags {fl})" if fl else ""))
+    return out
+
+
+def _distinct(scores: pd.DataFrame, edits: pd.DataFrame, col: str) -> list[str]:
+    vals: set[str] = set()
+    for df in (scores, edits):
+        if col in df.columns and len(df):
+            vals |= {str(v) for v in df[col].dropna().unique()}
+    return sorted(vals)
+
+
+def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFrame, title: str) -> list[str]:
+    """The header block every table carries, as plain-text lines (first line = title)."""
+    lines = [title]
+    runs = _distinct(scores, edits, "run")
+    datasets = _distinct(scores, edits, "dataset")
+    lines.append(f"Run(s): {', '.join(runs) or 'n/a'}. Dataset(s): {', '.join(datasets) or 'n/a'}.")
+    info = _metric_info(summary)
+    protocols = sorted({p for i in info.values() for p in i["protocol"].split("; ")})
+    if len(protocols) <= 1:
+        lines.append(f"Protocol: {protocols[0] if protocols else 'n/a'}.")
+    else:
+        lines.append("Protocols: " + "; ".join(f"{m} -> {i['protocol']}" for m, i in info.items()) + ".")
+    src = scores if len(scores) else edits
+    if len(src):
+        n_samples = len(src[["dataset", "sample_id"]].drop_duplicates())
+        seeds = sorted({int(s) for s in src["seed"].dropna()}) if "seed" in src.columns else []
+        per_ds = ", ".join(f"{ds}: {int(n)}" for ds, n in
+                           src.drop_duplicates(["dataset", "sample_id"]).groupby("dataset").size().items())
+        lines.append(f"Samples: {n_samples} scored ({per_ds})"
+                     + (f"; seed(s) {', '.join(map(str, seeds))}" if seeds else "") + ".")
+    if len(edits):
+        st = edits["status"].astype(str)
+        lines.append(f"Edits: {len(edits)} ({int((st == 'ok').sum())} ok, {int((st == 'skipped').sum())} skipped, "
+                     f"{int((st == 'failed').sum())} failed; skipped and failed edits are not scored, see edits.md).")
+    if "method_version" in scores.columns and len(scores):
+        mv = scores[["method", "method_version"]].drop_duplicates().astype(str)
+        mv = sorted(f"{m} {v}" for m, v in zip(mv["method"], mv["method_version"]))
+        lines.append(f"Method versions: {', '.join(mv)}.")
+    lines.append(f"Values: mean [{int(CI_LEVEL * 100)}% CI] over samples; CI = percentile bootstrap of the mean "
+                 f"({N_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). n = samples scored per row.")
+    rules = sorted({i["region_rule"] for i in info.values()})
+    if len(rules) == 1:
+        lines.append(f"Region rule: {rules[0]}.")
+    elif rules:
+        lines.append("Region rule per metric:")
+        lines += [f"  {m} -> {i['region_rule']}" for m, i in info.items()]
+    if info:
+        lines.append("Weights per metric:")
+        lines += [f"  {m} -> {i['weights']}" for m, i in info.items()]
+    totals = _nan_totals(summary)
+    if totals:
+        lines.append("NaN values (flagged) are excluded from means and counted: " + "; ".join(totals)
+                     + ". Per row: the n_nan columns of the CSV table and the excluded-values table in the Markdown table.")
+    else:
+        lines.append("NaN values (flagged) are excluded from means and counted: none here.")
+    if len(summary) and int(summary["n_inf"].sum()):
+        lines.append("inf values (e.g. PSNR of identical images) are kept: a mean holding one is inf.")
+    lines.append("Best per column in bold, second best underlined, by each metric's direction "
+                 "(↑ higher is better, ↓ lower is better); NaN ignored.")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# writers
+# ----------------------------------------------------------------------------------------------
+def _row_cells(t: Table, row: dict[str, Any], empty_params: str) -> list[str]:
+    out = []
+    for k in t.row_keys:
+        out.append(format_params(row[k], empty=empty_params) if k == "params" else str(row[k]))
+    return out
+
+
+def markdown_table(t: Table) -> list[str]:
+    if not t.rows:
+        return ["_No scores in these runs (no metric configured, or every edit skipped or failed)._"]
+    head = [_key_title(k) for k in t.row_keys] + ["n"] + [t.header(c) for c in t.columns]
+    align = ["---"] * len(t.row_keys) + ["---:"] * (1 + len(t.columns))
+    lines = ["| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join(align) + "|"]
+    for i, row in enumerate(t.rows):
+        cells = [md_escape(c) for c in _row_cells(t, row, "—")] + [str(t.n(row))]
+        for col in t.columns:
+            c = t.cell(row, col)
+            s = fmt_ci(c.get("mean", math.nan), c.get("ci_low", math.nan), c.get("ci_high", math.nan))
+            mk = t.marks.get((i, col))
+            if mk == "best":
+                s = f"**{s}**"
+            elif mk == "second":
+                s = f"<u>{s}</u>"
+            cells.append(s)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def excluded_table(t: Table) -> list[str]:
+    """Markdown list of the cells holding NaN (excluded) or inf values, with their flags."""
+    rows = []
+    for row in t.rows:
+        for col in t.columns:
+            c = t.cell(row, col)
+            if c and (c["n_nan"] or c["n_inf"]):
+                rows.append([md_escape(x) for x in _row_cells(t, row, "—")]
+                            + [md_escape(column_label(*col)), str(c["n"]), str(c["n_nan"]), str(c["n_inf"]),
+                               md_escape(c["flags"] or "—")])
+    if not rows:
+        return []
+    head = [_key_title(k) for k in t.row_keys] + ["column", "n used", "NaN excluded", "inf", "flags"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(t.row_keys) + ["---", "---:", "---:", "---:", "---"]) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def _md_caption(lines: list[str]) -> list[str]:
+    out = [f"# {lines[0]}", ""]
+    for ln in lines[1:]:
+        if ln.startswith("  "):
+            out.append(f"  - {ln.strip()}")
+        else:
+            out.append(f"- {ln}")
+    return out
+
+
+def write_markdown(path: Path, caption: list[str], t: Table, extra: Sequence[str] = ()) -> Path:
+    lines = _md_caption(caption) + [""] + markdown_table(t)
+    ex = excluded_table(t)
+    if ex:
+        lines += ["", "## Excluded (NaN) and infinite values per row", "", *ex]
+    if extra:
+        lines += ["", *extra]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def table_frame(t: Table) -> pd.DataFrame:
+    """The plain-number CSV view: keys, p.* columns, n, then mean/ci_low/ci_high/n/n_nan per column."""
+    recs = []
+    keys = pd.DataFrame([{k: r[k] for k in t.row_keys} for r in t.rows])
+    if "params" in t.row_keys and len(keys):
+        keys = expand_params(keys)
+    for row, kr in zip(t.rows, keys.to_dict("records")):
+        r: dict[str, Any] = dict(kr)
+        r["n"] = t.n(row)
+        for col in t.columns:
+            c = t.cell(row, col)
+            lab = column_label(*col)
+            for s in ("mean", "ci_low", "ci_high"):
+                r[f"{lab} {s}"] = c.get(s, math.nan)
+            r[f"{lab} n"] = c.get("n", 0)
+            r[f"{lab} n_nan"] = c.get("n_nan", 0)
+        recs.append(r)
+    return pd.DataFrame(recs)
+
+
+def write_csv(path: Path, caption: list[str], t: Table) -> Path:
+    df = table_frame(t)
+    head = "".join(f"# {ln.strip()}\n" for ln in caption)
+    body = df.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n") if len(df) else "\n"
+    _write_text(path, head + body)
+    return path
+
+
+def write_latex(path: Path, caption: list[str], t: Table) -> Path:
+    lines = [f"% {ln}" for ln in caption]
+    lines.append("% requires \\usepackage{booktabs} and \\usepackage{graphicx}")
+    parts: list[str] = []
+    for ln in caption[1:]:  # indented lines are the items of the line before them
+        if ln.startswith("  ") and parts:
+            item = ln.strip().replace(" -> ", ": ")
+            parts[-1] += (" " if parts[-1].endswith(":") else "; ") + item
+        else:
+            if parts and parts[-1][-1] not in ".:":
+                parts[-1] += "."
+            parts.append(ln.strip())
+    if parts and parts[-1][-1] not in ".:":
+        parts[-1] += "."
+    cap = " ".join(tex_escape(p) for p in parts)
+    if not t.rows:
+        lines.append("% No scores in these runs.")
+        _write_text(path, "\n".join(lines) + "\n")
+        return path
+    lines += [
+        "\\begin{table}[t]",
+        "\\centering",
+        f"\\caption{{{tex_escape(caption[0])}. {cap}}}",
+        "\\label{tab:results}",
+        "\\resizebox{\\linewidth}{!}{%",
+        f"\\begin{{tabular}}{{{'l' * len(t.row_keys)}{'r' * (1 + len(t.columns))}}}",
+        "\\toprule",
+        " & ".join([tex_escape(_key_title(k)) for k in t.row_keys] + ["$n$"] + [tex_escape(t.header(c)) for c in t.columns])
+        + " \\\\",
+        "\\midrule",
+    ]
+    for i, row in enumerate(t.rows):
+        cells = [tex_escape(c) for c in _row_cells(t, row, "--")] + [str(t.n(row))]
+        for col in t.columns:
+            c = t.cell(row, col)
+            s = fmt_ci(c.get("mean", math.nan), c.get("ci_low", math.nan), c.get("ci_high", math.nan))
+            s = tex_escape(s).replace("inf", "$\\infty$")
+            mk = t.marks.get((i, col))
+            if mk == "best":
+                s = f"\\textbf{{{s}}}"
+            elif mk == "second":
+                s = f"\\underline{{{s}}}"
+            cells.append(s)
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table}"]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def write_edits_md(path: Path, edits: pd.DataFrame, by: Sequence[str]) -> Path:
+    es = _order(edit_summary(edits, by), by) if len(edits) else edit_summary(edits, by)
+    runs = sorted({str(r) for r in edits["run"].dropna()}) if "run" in edits.columns and len(edits) else []
+    lines = [
+        "# Edits: status, timings and memory",
+        "",
+        f"- Run(s): {', '.join(runs) or 'n/a'}.",
+        "- prep s / infer s: mean seconds per ok edit (preparation vs inference; cached edits keep the "
+        "timings recorded when they were computed). peak memory: max over edits (n/a: not measured).",
+        "- Skipped and failed edits are not scored; their reasons are listed below the table.",
+        "",
+    ]
+    if not len(es):
+        lines.append("_No edits in these runs._")
+        _write_text(path, "\n".join(lines) + "\n")
+        return path
+    head = [_key_title(k) for k in by] + ["n", "ok", "skipped", "failed", "prep s", "infer s", "peak memory", "edit flags"]
+    lines += ["| " + " | ".join(head) + " |",
+              "|" + "|".join(["---"] * len(by) + ["---:"] * 7 + ["---"]) + "|"]
+    reasons = []
+    for r in es.to_dict("records"):
+        keys = [format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by]
+        lines.append("| " + " | ".join(md_escape(x) for x in keys + [
+            str(r["n"]), str(r["ok"]), str(r["skipped"]), str(r["failed"]), fmt(r["prep_seconds_mean"]),
+            fmt(r["infer_seconds_mean"]), fmt_bytes(r["peak_memory_bytes_max"]), r["flags"] or "—"]) + " |")
+        if r["reasons"]:
+            reasons.append(f"- {' / '.join(keys)}: {r['reasons']}")
+    if reasons:
+        lines += ["", "## Skipped and failed", "", *reasons]
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------
+# plots
+# ----------------------------------------------------------------------------------------------
+def write_plots(summary: pd.DataFrame, by: Sequence[str], out_dir: Path) -> dict[str, Path]:
+    """Sweep curves for every numeric parameter swept within a method, for every
+    (metric, region); without a sweep, one bar chart per metric. Returns name -> path."""
+    files: dict[str, Path] = {}
+    if not len(summary):
+        return files
+    sp = expand_params(summary)
+    within = [c for c in ("run", "dataset", "method") if c in by]
+    swept = swept_params(sp, within=within)
+    pairs = metric_columns(summary)
+    if swept:
+        for param in swept:
+            for m, r in pairs:
+                name = f"plot_{safe_name(m)}_{safe_name(r)}_vs_{safe_name(param)}.png"
+                p = plot_metric_vs_param(sp, m, r, param, out_dir / name)
+                if p is not None:
+                    files[name] = p
+    else:
+        for m in sorted({m for m, _ in pairs}):
+            name = f"plot_bars_{safe_name(m)}.png"
+            p = plot_bars(summary, m, out_dir / name)
+            if p is not None:
+                files[name] = p
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+# ----------------------------------------------------------------------------------------------
+_OWNED = re.compile(r"^(plot_.*\.png|table_by_category\.(md|csv)|summary_by_category\.csv)$")
+
+
+def write_report(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True) -> dict[str, Path]:
+    """Write the report of one or more run dirs into ``out_dir``; returns file name -> path.
+
+    Files: summary.csv (long summary), table.md / table.csv / table.tex (wide table: mean
+    [95% CI] per method x parameter point x metric/region), with per_category also
+    summary_by_category.csv and table_by_category.md / .csv, edits.md, and plots
+    (plot_<metric>_<region>_vs_<param>.png for sweeps, else plot_bars_<metric>.png).
+    Stale plot and per-category files of an earlier report in ``out_dir`` are removed.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores, edits = load_run(run_dirs)
+    by = _group_keys(scores, edits)
+    partition = ["dataset"] if "dataset" in by else []
+    summary = _order(summarize(scores, by), by)
+    files: dict[str, Path] = {}
+
+    def put(name: str, df: pd.DataFrame) -> None:
+        p = out_dir / name
+        _write_text(p, df.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n"))
+        files[name] = p
+
+    put("summary.csv", summary)
+    plots = write_plots(summary, by, out_dir)
+    t = Table(summary, by, partition)
+    cap = caption_lines(scores, edits, summary, "Results: mean [95% bootstrap CI] per method and parameter point")
+    extra = ["## Plots", "", *[f"- {n}" for n in plots]] if plots else []
+    files["table.md"] = write_markdown(out_dir / "table.md", cap, t, extra)
+    files["table.csv"] = write_csv(out_dir / "table.csv", cap, t)
+    files["table.tex"] = write_latex(out_dir / "table.tex", cap, t)
+    if per_category:
+        cs = _order(summarize(scores, by, per_category=True), partition + ["category"] + [k for k in by if k not in partition])
+        put("summary_by_category.csv", cs)
+        keys = partition + ["category"] + [k for k in by if k not in partition]
+        tc = Table(cs, keys, partition + ["category"])
+        ccap = caption_lines(scores, edits, cs, "Results per edit category: mean [95% bootstrap CI]")
+        ccap[-1] = ccap[-1].replace("Best per column", "Best per column within each category")
+        files["table_by_category.md"] = write_markdown(out_dir / "table_by_category.md", ccap, tc)
+        files["table_by_category.csv"] = write_csv(out_dir / "table_by_category.csv", ccap, tc)
+    files["edits.md"] = write_edits_md(out_dir / "edits.md", edits, by)
+    files.update(plots)
+    for p in sorted(out_dir.iterdir()):
+        if p.is_file() and _OWNED.match(p.name) and p.name not in files:
+            p.unlink()
+    return files
