@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .aggregate import format_params, group_columns
+from .images import save_bytes
 
 DPI = 100
 
@@ -31,21 +32,6 @@ def direction(higher_is_better: bool) -> str:
 def safe_name(s: str) -> str:
     """A file-name-safe version of a metric, region or parameter name."""
     return re.sub(r"[^A-Za-z0-9_.+-]+", "-", str(s)).strip("-") or "x"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _figure(width: float, height: float):
@@ -61,7 +47,7 @@ def _save(fig, out_path: str | Path) -> Path:
     out_path = Path(out_path)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
-    _atomic_write(out_path, buf.getvalue())
+    save_bytes(out_path, buf.getvalue())
     return out_path
 
 

@@ -33,7 +33,8 @@ from .aggregate import (
     summarize,
     swept_params,
 )
-from .plots import _atomic_write, plot_bars, plot_metric_vs_param, safe_name
+from .images import save_bytes
+from .plots import plot_bars, plot_metric_vs_param, safe_name
 
 CSV_FLOAT = "%.12g"
 
@@ -297,23 +298,27 @@ def _row_cells(t: Table, row: dict[str, Any], empty_params: str) -> list[str]:
     return out
 
 
+def _body_rows(t: Table, escape, empty_params: str, cell, best: str, second: str) -> list[list[str]]:
+    """Table body cells, "mean [ci]" per column, best and second marked with the given formats."""
+    rows = []
+    for i, row in enumerate(t.rows):
+        cells = [escape(c) for c in _row_cells(t, row, empty_params)] + [str(t.n(row))]
+        for col in t.columns:
+            c = t.cell(row, col)
+            s = cell(fmt_ci(c.get("mean", math.nan), c.get("ci_low", math.nan), c.get("ci_high", math.nan)))
+            mk = t.marks.get((i, col))
+            cells.append(best.format(s) if mk == "best" else second.format(s) if mk == "second" else s)
+        rows.append(cells)
+    return rows
+
+
 def markdown_table(t: Table) -> list[str]:
     if not t.rows:
         return ["_No scores in these runs (no metric configured, or every edit skipped or failed)._"]
     head = [_key_title(k) for k in t.row_keys] + ["n"] + [t.header(c) for c in t.columns]
     align = ["---"] * len(t.row_keys) + ["---:"] * (1 + len(t.columns))
     lines = ["| " + " | ".join(md_escape(h) for h in head) + " |", "|" + "|".join(align) + "|"]
-    for i, row in enumerate(t.rows):
-        cells = [md_escape(c) for c in _row_cells(t, row, "—")] + [str(t.n(row))]
-        for col in t.columns:
-            c = t.cell(row, col)
-            s = fmt_ci(c.get("mean", math.nan), c.get("ci_low", math.nan), c.get("ci_high", math.nan))
-            mk = t.marks.get((i, col))
-            if mk == "best":
-                s = f"**{s}**"
-            elif mk == "second":
-                s = f"<u>{s}</u>"
-            cells.append(s)
+    for cells in _body_rows(t, md_escape, "—", lambda s: s, "**{}**", "<u>{}</u>"):
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -416,18 +421,8 @@ def write_latex(path: Path, caption: list[str], t: Table) -> Path:
         + " \\\\",
         "\\midrule",
     ]
-    for i, row in enumerate(t.rows):
-        cells = [tex_escape(c) for c in _row_cells(t, row, "--")] + [str(t.n(row))]
-        for col in t.columns:
-            c = t.cell(row, col)
-            s = fmt_ci(c.get("mean", math.nan), c.get("ci_low", math.nan), c.get("ci_high", math.nan))
-            s = tex_escape(s).replace("inf", "$\\infty$")
-            mk = t.marks.get((i, col))
-            if mk == "best":
-                s = f"\\textbf{{{s}}}"
-            elif mk == "second":
-                s = f"\\underline{{{s}}}"
-            cells.append(s)
+    tex_cell = lambda s: tex_escape(s).replace("inf", "$\\infty$")  # noqa: E731
+    for cells in _body_rows(t, tex_escape, "--", tex_cell, "\\textbf{{{}}}", "\\underline{{{}}}"):
         lines.append(" & ".join(cells) + " \\\\")
     lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table}"]
     _write_text(path, "\n".join(lines) + "\n")
@@ -468,7 +463,7 @@ def write_edits_md(path: Path, edits: pd.DataFrame, by: Sequence[str]) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), text.encode("utf-8"))
+    save_bytes(Path(path), text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------
