@@ -135,6 +135,20 @@ class EditStore:
         save_json(self.folder(key) / "scores" / f"{metric_hash}.json", rows)
 
 
+    def get_set_scores(self, set_key: str) -> list[ScoreValue] | None:
+        """Scores of a set metric over a set of edits (FID, KID), keyed by metric and edit set."""
+        try:
+            with open(self.root / "sets" / f"{set_key}.json") as f:
+                rows = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return [ScoreValue(r["metric"], r["region"], _decode(r["value"]), r.get("flag")) for r in rows]
+
+    def put_set_scores(self, set_key: str, values: list[ScoreValue]) -> None:
+        rows = [{"metric": v.metric, "region": v.region, "value": _encode(v.value), "flag": v.flag} for v in values]
+        save_json(self.root / "sets" / f"{set_key}.json", rows)
+
+
 def _encode(v: float) -> Any:
     # JSON has no NaN/inf: store them as strings.
     if math.isnan(v):

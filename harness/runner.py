@@ -29,6 +29,7 @@ from .data import SampleRef, open_dataset
 from .images import save_bytes, save_json
 from .method import Method
 from .registry import METHODS
+from .metrics.base import SET_SAMPLE_ID
 from .types import EditResult, EditStatus, MethodOutput, Sample, SampleError, ScoreValue, SkipSample
 
 log = logging.getLogger("edit_harness")
@@ -345,7 +346,7 @@ class Job:
         todo: list[tuple[SampleRef, str, EditRecord, list]] = []
         for ref, key, rec in ok:
             missing = []
-            for entry in self.suite.entries:
+            for entry in self.suite.edit_entries:
                 got = self.store.get_scores(key, entry.hash)
                 if got is None:
                     missing.append(entry)
@@ -362,7 +363,7 @@ class Job:
             for ref, key, rec, _ in chunk:
                 sample = self.dataset.load(ref)
                 items.append(ScoringItem(sample=sample, edit=rec.image(), edit_mask=rec.mask()))
-            for entry in self.suite.entries:
+            for entry in self.suite.edit_entries:
                 idx = [i for i, c in enumerate(chunk) if entry in c[3]]
                 if not idx:
                     continue
@@ -375,9 +376,34 @@ class Job:
             bar.update(len(chunk))
         bar.close()
         for _, key, _ in ok:
-            for entry in self.suite.entries:
+            for entry in self.suite.edit_entries:
                 scores[key].extend(computed.get((key, entry.name)) or cached_parts.get((key, entry.name)) or [])
         return scores, len(todo)
+
+    def score_sets(self, records: list[tuple[SampleRef, str, EditRecord]]) -> list[tuple[str, ScoreValue]]:
+        """Set metrics (FID, KID) over the job's ok edits, cached under a key of the metric
+        configuration and the set of edit keys. Returns (set key, value) pairs."""
+        from .metrics.base import ScoringItem
+
+        assert self.suite is not None
+        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK]
+        out: list[tuple[str, ScoreValue]] = []
+        for entry in self.suite.set_entries:
+            set_key = stable_hash({"metric": entry.hash, "edits": sorted(k for _, k, _ in ok)})
+            values = self.store.get_set_scores(set_key)
+            if values is None:
+                bs = self.suite.batch_size
+
+                def batches():
+                    for start in range(0, len(ok), bs):
+                        yield [ScoringItem(sample=self.dataset.load(ref), edit=rec.image(), edit_mask=rec.mask())
+                               for ref, _, rec in ok[start : start + bs]]
+
+                values = self.suite.score_set(entry, batches())
+                if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
+                    self.store.put_set_scores(set_key, values)
+            out.extend((set_key, v) for v in values)
+        return out
 
     # -- tables ---------------------------------------------------------------------------
     def _base_row(self, ref: SampleRef, key: str) -> dict[str, Any]:
@@ -394,7 +420,8 @@ class Job:
             "edit_key": key,
         }
 
-    def write_tables(self, records, scores: dict[str, list[ScoreValue]] | None) -> None:
+    def write_tables(self, records, scores: dict[str, list[ScoreValue]] | None,
+                     set_scores: list[tuple[str, ScoreValue]] | None = None) -> None:
         import pandas as pd
 
         edit_rows = []
@@ -429,6 +456,14 @@ class Job:
                         "region_rule": d["region_rule"],
                         "higher_is_better": bool(d["higher_is_better"]),
                     })
+        if set_scores and self.suite is not None:
+            desc = self.suite.describe()
+            for set_key, v in set_scores:
+                d = desc[v.metric] if v.metric in desc else desc[_base_metric(v.metric, desc)]
+                row = self._base_row(SampleRef(SET_SAMPLE_ID, {}, ""), set_key)
+                score_rows.append({**row, "metric": v.metric, "region": v.region, "value": v.value, "flag": v.flag,
+                                   "protocol": self.suite.protocol, "weights": d["weights"],
+                                   "region_rule": d["region_rule"], "higher_is_better": bool(d["higher_is_better"])})
         table = pd.DataFrame(score_rows, columns=SCORE_COLUMNS)
         table["value"] = table["value"].astype("float64")
         table["higher_is_better"] = table["higher_is_better"].astype(bool)
@@ -469,7 +504,8 @@ class Job:
         refs = self.dataset.refs()
         records, computed, cached = self.edit_all(refs)
         scores, scored = self.score_all(records) if self.suite else (None, 0)
-        self.write_tables(records, scores)
+        set_scores = self.score_sets(records) if self.suite and self.suite.set_entries else None
+        self.write_tables(records, scores, set_scores)
         counts = {s.value: 0 for s in EditStatus}
         for _, _, rec in records:
             counts[rec.meta["status"]] += 1

@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .cache import stable_hash
 from . import metrics as _metrics  # noqa: F401  (registers every metric)
-from .metrics.base import Metric, ScoringItem
+from .metrics.base import Metric, ScoringItem, SetMetric
 from .registry import METRICS
 from .types import ScoreValue
 
@@ -65,6 +65,33 @@ class MetricSuite:
                 raise ValueError(f"metric '{name}' ({cls_name}) in protocol '{self.protocol}': {e}") from None
             h = stable_hash({"class": cls_name, "version": getattr(cls, "version", "1"), "params": kwargs, "name": name}, 16)
             self.entries.append(SuiteEntry(name, metric, h, metric.available()))
+
+    @property
+    def edit_entries(self) -> list[SuiteEntry]:
+        """Metrics scored per edit."""
+        return [e for e in self.entries if not isinstance(e.metric, SetMetric)]
+
+    @property
+    def set_entries(self) -> list[SuiteEntry]:
+        """Metrics of the whole set of a job's edits (FID, KID)."""
+        return [e for e in self.entries if isinstance(e.metric, SetMetric)]
+
+    def score_set(self, entry: SuiteEntry, batches: Iterable[Sequence[ScoringItem]]) -> list[ScoreValue]:
+        """Stream batches through a set metric; failures give NaN rows flagged, never a crash."""
+        if entry.unavailable:
+            return self.unavailable_rows(entry)
+        try:
+            if not entry.loaded:
+                entry.metric.load()
+                entry.loaded = True
+            entry.metric.reset()
+            for batch in batches:
+                entry.metric.update(batch)
+            return list(entry.metric.compute_set())
+        except Exception as e:
+            entry.metric_errors = getattr(entry, "metric_errors", [])  # type: ignore[attr-defined]
+            entry.metric_errors.append({"sample_id": "(set)", "error": str(e), "traceback": traceback.format_exc()})  # type: ignore[attr-defined]
+            return [ScoreValue(entry.name, r, math.nan, f"error:{type(e).__name__}") for r in entry.metric.regions()]
 
     def describe(self) -> dict[str, Any]:
         return {

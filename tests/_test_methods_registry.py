@@ -78,3 +78,34 @@ class NeedsWeights(Method):
 
     def edit(self, sample, seed):  # pragma: no cover - never reached
         return MethodOutput(image=sample.source.copy())
+
+
+# -- a set metric for the runner's set-scoring path --------------------------------------------
+from harness.metrics.base import SetMetric  # noqa: E402
+from harness.registry import METRICS  # noqa: E402
+from harness.types import ScoreValue  # noqa: E402
+
+SET_CALLS: list[int] = []
+
+
+@METRICS.register("test_set_mean")
+class SetMean(SetMetric):
+    """Mean pixel value over all edits of a job; records each batch size it was fed."""
+
+    higher_is_better = True
+
+    def reset(self):
+        super().reset()
+        self._sum, self._n = 0.0, 0
+
+    def update(self, items):
+        SET_CALLS.append(len(items))
+        for it in items:
+            self._sum += float(it.edit.mean())
+            self._n += 1
+
+    def compute_set(self):
+        return [ScoreValue(self.name, "all", self._sum / self._n), ScoreValue(self.name, "count", float(self._n))]
+
+    def regions(self):
+        return ("all", "count")

@@ -204,3 +204,24 @@ def test_sigkill_mid_sweep_then_rerun_loses_nothing(builder, tmp_path):
     assert reference.computed == n
     # Same scores table, byte for byte, as an uninterrupted run.
     assert (resumed.job_dir / "scores.parquet").read_bytes() == (reference.job_dir / "scores.parquet").read_bytes()
+
+
+def test_set_metrics_stream_in_batches_and_are_cached(builder, tmp_path):
+    from . import _test_methods_registry as reg
+
+    for i in range(5):
+        builder.add_simple(f"s{i}", seed=i)
+    metrics = {"protocol": "test", "batch_size": 2, "items": {"l1": {}, "test_set_mean": {}}}
+    cfg = job_config(builder.config(), tmp_path / "res", metrics=metrics)
+    reg.SET_CALLS.clear()
+    out = run_job(cfg)
+    assert reg.SET_CALLS == [2, 2, 1]
+    s = _scores(out)
+    rows = s[s.metric == "test_set_mean"].set_index("region")
+    assert list(rows.sample_id.unique()) == ["__set__"]
+    assert rows.loc["count", "value"] == 5
+    assert set(s[s.metric == "l1"].sample_id) == {f"s{i}" for i in range(5)}
+    reg.SET_CALLS.clear()
+    again = run_job(cfg)
+    assert reg.SET_CALLS == []  # cached
+    assert (again.job_dir / "scores.parquet").read_bytes() == (out.job_dir / "scores.parquet").read_bytes()

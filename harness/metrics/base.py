@@ -325,3 +325,30 @@ def region_mean(values: np.ndarray, mask: np.ndarray | None) -> float:
     if mask is None:
         return float(np.mean(values))
     return float(np.mean(values[mask]))
+
+
+class SetMetric(Metric):
+    """A metric of a whole set of edits (FID, KID): one value per job, not per edit.
+
+    The runner feeds every ok edit of a job through :meth:`update` in batches (constant memory:
+    accumulate statistics, never the images), then calls :meth:`compute_set`, which returns
+    the job's ScoreValues (region ``all`` unless the metric says otherwise). Rows are written
+    with ``sample_id`` ``SET_SAMPLE_ID``.
+    """
+
+    def score_batch(self, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
+        raise TypeError(f"metric '{self.name}' scores sets, not single edits")
+
+    @abc.abstractmethod
+    def update(self, items: Sequence[ScoringItem]) -> None:
+        """Accumulate statistics of a batch of edits."""
+
+    @abc.abstractmethod
+    def compute_set(self) -> list[ScoreValue]:
+        """The values for everything passed to :meth:`update` since the last :meth:`reset`."""
+
+    def reset(self) -> None:
+        super().reset()
+
+
+SET_SAMPLE_ID = "__set__"
