@@ -125,6 +125,37 @@ def load_run(run_dirs: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame,
     return scores, edits
 
 
+# Cost columns: the runner's per-edit timings and peak memory, aggregated like any metric.
+COST_METRICS = (
+    ("cost_prep_s", "prep_seconds", 1.0),
+    ("cost_infer_s", "infer_seconds", 1.0),
+    ("cost_peak_mem_mib", "peak_memory_bytes", 1.0 / 2**20),
+)
+
+
+def cost_rows(edits: pd.DataFrame) -> pd.DataFrame:
+    """Score-table rows (protocol ``runner``) for the preparation time, inference time and peak
+    memory of every ok edit, so that tables aggregate them with means and CIs like metrics."""
+    ok = edits[edits["status"] == "ok"] if len(edits) else edits
+    frames = []
+    keep = [c for c in ("run", "job", "method", "method_version", "params", "dataset", "sample_id", "category",
+                        "seed", "edit_key") if c in ok.columns]
+    for metric, column, factor in COST_METRICS:
+        if column not in ok.columns or not len(ok):
+            continue
+        f = ok[keep].copy()
+        f["metric"] = metric
+        f["region"] = "all"
+        f["value"] = ok[column].astype("float64") * factor
+        f["flag"] = np.where(f["value"].isna(), "not_measured", None)
+        f["protocol"] = "runner"
+        f["weights"] = "none"
+        f["region_rule"] = "per edit"
+        f["higher_is_better"] = False
+        frames.append(f)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*keep, "metric", "region", "value"])
+
+
 # ----------------------------------------------------------------------------------------------
 # bootstrap
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,10 @@ from .aggregate import (
     BOOTSTRAP_SEED,
     CI_LEVEL,
     N_RESAMPLES,
+    SCORE_SORT,
+    _concat,
     column_label,
+    cost_rows,
     edit_summary,
     expand_params,
     format_params,
@@ -501,7 +504,9 @@ def write_plots(summary: pd.DataFrame, by: Sequence[str], out_dir: Path) -> dict
 _OWNED = re.compile(r"^(plot_.*\.png|table_by_category\.(md|csv)|summary_by_category\.csv)$")
 
 
-def write_report(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True) -> dict[str, Path]:
+def write_report(
+    run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True, cost_columns: bool = True
+) -> dict[str, Path]:
     """Write the report of one or more run dirs into ``out_dir``; returns file name -> path.
 
     Files: summary.csv (long summary), table.md / table.csv / table.tex (wide table: mean
@@ -509,10 +514,16 @@ def write_report(run_dirs: str | Path | Sequence[str | Path], out_dir: str | Pat
     summary_by_category.csv and table_by_category.md / .csv, edits.md, and plots
     (plot_<metric>_<region>_vs_<param>.png for sweeps, else plot_bars_<metric>.png).
     Stale plot and per-category files of an earlier report in ``out_dir`` are removed.
+    With ``cost_columns`` the runner's preparation time, inference time and peak memory per
+    edit are aggregated as metrics of protocol ``runner`` (``cost_*`` columns).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scores, edits = load_run(run_dirs)
+    if cost_columns and len(edits):
+        costs = cost_rows(edits)
+        if len(costs):
+            scores = _concat([scores, costs], SCORE_SORT)
     by = _group_keys(scores, edits)
     partition = ["dataset"] if "dataset" in by else []
     summary = _order(summarize(scores, by), by)

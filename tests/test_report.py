@@ -212,7 +212,7 @@ def _md_row(md: str, method: str) -> list[str]:
 def test_report_tables_marks_and_caption(tmp_path):
     run = tmp_path / "run"
     three_methods(run)
-    files = write_report([run], tmp_path / "out")
+    files = write_report([run], tmp_path / "out", cost_columns=False)
     for name in ("summary.csv", "table.md", "table.csv", "table.tex", "table_by_category.md",
                  "table_by_category.csv", "edits.md"):
         assert files[name].is_file(), name
@@ -274,7 +274,7 @@ def test_sweep_plots_and_stale_files(tmp_path):
     (out).mkdir()
     (out / "plot_bars_old.png").write_bytes(b"x")
     (out / "notes.txt").write_text("mine")
-    files = write_report(run, out, per_category=False)
+    files = write_report(run, out, per_category=False, cost_columns=False)
     pngs = sorted(n for n in files if n.endswith(".png"))
     assert pngs == ["plot_l1_all_vs_radius.png", "plot_l1_unedited_vs_radius.png",
                     "plot_lpips_alex_unedited_vs_radius.png"]
@@ -313,3 +313,20 @@ def test_no_torch_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_cost_columns_aggregate_runner_timings(tmp_path):
+    from harness.aggregate import cost_rows, load_run
+
+    run = tmp_path / "run"
+    three_methods(run)
+    scores, edits = load_run(run)
+    costs = cost_rows(edits)
+    ok = edits[edits.status == "ok"]
+    assert set(costs.metric) == {"cost_prep_s", "cost_infer_s", "cost_peak_mem_mib"}
+    assert len(costs) == 3 * len(ok)
+    assert (costs.protocol == "runner").all() and not costs.higher_is_better.any()
+    infer = costs[costs.metric == "cost_infer_s"].set_index(["method", "sample_id"]).value
+    assert infer.equals(ok.set_index(["method", "sample_id"]).infer_seconds.astype("float64").rename("value"))
+    md = write_report(run, tmp_path / "out")["table.md"].read_text()
+    assert "cost_infer_s [all] ↓" in md and "cost_infer_s -> runner" in md
