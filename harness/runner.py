@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -211,7 +212,8 @@ class Job:
             },
             8,
         )
-        self.job_id = f"{self.method.label()}-{self.dataset.name}-{job_hash}"
+        safe = lambda x: re.sub(r"[^A-Za-z0-9_.-]+", "_", x)  # noqa: E731  (a folder name)
+        self.job_id = f"{safe(self.method.label())}-{safe(self.dataset.name)}-{job_hash}"
         self.job_dir = self.run_dir / "jobs" / self.job_id
         self._prepared = False
         self._prepare_error: str | None = None
@@ -495,8 +497,7 @@ class Job:
                 "host": _host(),
                 "argv": sys.argv,
                 "outcome": outcome,
-                "metric_errors": {e.name: getattr(e, "metric_errors", []) for e in (self.suite.entries if self.suite else [])
-                                  if getattr(e, "metric_errors", None)},
+                "metric_errors": {e.name: e.errors for e in (self.suite.entries if self.suite else []) if e.errors},
             },
         )
 

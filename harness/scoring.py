@@ -37,6 +37,7 @@ class SuiteEntry:
     hash: str
     unavailable: str | None = None
     loaded: bool = False
+    errors: list[dict[str, str]] = dataclasses.field(default_factory=list)  # metric exceptions, with tracebacks
 
 
 class MetricSuite:
@@ -89,8 +90,7 @@ class MetricSuite:
                 entry.metric.update(batch)
             return list(entry.metric.compute_set())
         except Exception as e:
-            entry.metric_errors = getattr(entry, "metric_errors", [])  # type: ignore[attr-defined]
-            entry.metric_errors.append({"sample_id": "(set)", "error": str(e), "traceback": traceback.format_exc()})  # type: ignore[attr-defined]
+            entry.errors.append({"sample_id": "(set)", "error": str(e), "traceback": traceback.format_exc()})
             return [ScoreValue(entry.name, r, math.nan, f"error:{type(e).__name__}") for r in entry.metric.regions()]
 
     def describe(self) -> dict[str, Any]:
@@ -117,8 +117,7 @@ class MetricSuite:
         """
         if item.sample.missing(entry.metric.requires):
             return False
-        check = getattr(entry.metric, "applies", None)
-        return bool(check(item.sample)) if check is not None else True
+        return bool(entry.metric.applies(item.sample))
 
     def score(self, entry: SuiteEntry, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
         """Score a batch with one metric; a metric that raises gives NaN rows flagged, never a crash.
@@ -148,8 +147,5 @@ class MetricSuite:
                 return [r for it in items for r in self._score(entry, [it])]
             flag = f"error:{type(e).__name__}"
             item = items[0]
-            entry.metric_errors = getattr(entry, "metric_errors", [])  # type: ignore[attr-defined]
-            entry.metric_errors.append(  # type: ignore[attr-defined]
-                {"sample_id": item.sample.id, "error": str(e), "traceback": traceback.format_exc()}
-            )
+            entry.errors.append({"sample_id": item.sample.id, "error": str(e), "traceback": traceback.format_exc()})
             return [[ScoreValue(entry.name, r, math.nan, flag) for r in entry.metric.regions()]]

@@ -109,3 +109,19 @@ class SetMean(SetMetric):
 
     def regions(self):
         return ("all", "count")
+
+
+from harness.metrics.base import Metric  # noqa: E402
+
+
+@METRICS.register("test_raises_on")
+class RaisesOn(Metric):
+    """Mean pixel value, but raises for sample ids listed in param ``bad``."""
+
+    def score_batch(self, items):
+        out = []
+        for it in items:
+            if it.sample.id in self.params.get("bad", ()):
+                raise ValueError(f"cannot score {it.sample.id}")
+            out.append([ScoreValue(self.name, "all", float(it.edit.mean()))])
+        return out

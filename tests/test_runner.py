@@ -225,3 +225,17 @@ def test_set_metrics_stream_in_batches_and_are_cached(builder, tmp_path):
     again = run_job(cfg)
     assert reg.SET_CALLS == []  # cached
     assert (again.job_dir / "scores.parquet").read_bytes() == (out.job_dir / "scores.parquet").read_bytes()
+
+
+def test_a_metric_error_on_one_edit_is_flagged_and_not_cached(builder, tmp_path):
+    for i in range(4):
+        builder.add_simple(f"s{i}", seed=i)
+    metrics = {"protocol": "test", "batch_size": 4, "items": {"test_raises_on": {"bad": ["s2"]}, "l1": {}}}
+    cfg = job_config(builder.config(), tmp_path / "res", metrics=metrics)
+    out = run_job(cfg)
+    s = _scores(out).query("metric == 'test_raises_on'").set_index("sample_id")
+    assert s.loc["s2", "flag"] == "error:ValueError" and np.isnan(s.loc["s2", "value"])
+    assert s.drop("s2").value.notna().all()  # the rest of the batch was scored one by one
+    man = json.loads((out.job_dir / "manifest.json").read_text())
+    assert "cannot score s2" in man["metric_errors"]["test_raises_on"][0]["error"]
+    assert run_job(cfg).scored == 1  # only the errored score is retried
