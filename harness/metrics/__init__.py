@@ -22,6 +22,7 @@ from . import pixel  # noqa: F401  (l1, l2, psnr)
 from . import ssim  # noqa: F401  (ssim)
 from . import perceptual  # noqa: F401  (lpips)
 from . import landmarks  # noqa: F401  (landmark_mse)
+from . import fid  # noqa: F401  (fid, kid: set metrics)
 
 __all__ = [
     "REGION_RULE_TEXT", "REGION_RULES", "REGIONS", "ImageMetric", "ImagePair", "Metric", "MetricUnavailable",

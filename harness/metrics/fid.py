@@ -525,7 +525,7 @@ class InceptionSetMetric(SetMetric):
                     fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npy.tmp")
                     os.close(fd)
                     with open(tmp, "wb") as fh:
-                        np.save(fh, np.asarray(f, np.float32))
+                        np.save(fh, np.asarray(f))  # float32 for the Inception; as given otherwise
                     os.replace(tmp, p)
         return np.stack(feats)  # type: ignore[arg-type]
 
