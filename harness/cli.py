@@ -4,6 +4,7 @@
   edit-harness report RUN_DIR [...]       rebuild tables and plots from stored scores
   edit-harness score EDITS_DIR            score a folder of edits made elsewhere (<sample_id>.png)
   edit-harness validate DATASET           check a dataset (config name or folder)
+  edit-harness weights [PROTOCOL...]      which metric weights are present, and how to provide the rest
   edit-harness list                       methods, datasets, metrics, protocols, experiments
 """
 from __future__ import annotations
@@ -214,6 +215,33 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     return 1 if problems else 0
 
 
+def _cmd_weights(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="edit-harness weights",
+        description="Which weights each metric of a protocol needs, which are present here, and how to provide the missing ones.",
+    )
+    ap.add_argument("protocols", nargs="*", help=f"protocols (default: all of {', '.join(_group_options('metrics'))})")
+    a = ap.parse_args(argv)
+    from .scoring import MetricSuite
+
+    names = a.protocols or _group_options("metrics")
+    missing = 0
+    for name in names:
+        path = CONF_DIR / "metrics" / f"{name}.yaml"
+        if not path.is_file():
+            raise UsageError(f"unknown protocol '{name}'; available: {', '.join(_group_options('metrics'))}")
+        suite = MetricSuite(_load_yaml(path))
+        print(f"protocol {name}:")
+        for e in suite.entries:
+            if e.unavailable:
+                missing += 1
+                print(f"  MISSING  {e.name}: {e.unavailable}")
+            else:
+                print(f"  present  {e.name}: {e.metric.weights()}")
+    print(f"{missing} metric(s) unavailable" if missing else "all weights present")
+    return 0
+
+
 def _cmd_list(argv: Sequence[str]) -> int:
     from . import metrics  # noqa: F401
     from .registry import METHODS, METRICS
@@ -230,7 +258,7 @@ def _cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "list": _cmd_list}
+COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights, "list": _cmd_list}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,3 +152,14 @@ def test_submitit_local_launcher(builder, tmp_path):
     jobs = sorted(p.name for p in (tmp_path / "sub" / "jobs").iterdir())
     assert [j.split("-")[0] for j in jobs] == ["identity", "inpaint"]
     assert (tmp_path / "sub" / "report" / "table.md").is_file()
+
+
+def test_weights_command_lists_present_and_missing(monkeypatch, capsys):
+    monkeypatch.setenv("EDIT_HARNESS_DLIB_PREDICTOR", "/nonexistent/predictor.dat")
+    assert main(["weights", "default", "pixel"]) == 0
+    out = capsys.readouterr().out
+    assert "protocol default:" in out and "protocol pixel:" in out
+    assert "MISSING  landmark_mse" in out and "/nonexistent/predictor.dat" in out
+    assert "present  l1: none" in out
+    assert main(["weights", "nope"]) == 2
+    assert "available: " in capsys.readouterr().err

@@ -239,3 +239,20 @@ def test_a_metric_error_on_one_edit_is_flagged_and_not_cached(builder, tmp_path)
     man = json.loads((out.job_dir / "manifest.json").read_text())
     assert "cannot score s2" in man["metric_errors"]["test_raises_on"][0]["error"]
     assert run_job(cfg).scored == 1  # only the errored score is retried
+
+
+def test_missing_weights_report_the_metric_unavailable_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDIT_HARNESS_DLIB_PREDICTOR", "/nonexistent/predictor.dat")
+    sample = {"name": "sample", "format": "generic", "root": str(REPO / "datasets" / "sample"), "ids": ["astronaut_smile"]}
+    metrics = {"protocol": "test", "items": {"l1": {}, "landmark_mse": {}}}
+    out = run_job(job_config(sample, tmp_path / "res", metrics=metrics))
+    s = _scores(out)
+    lm = s[s.metric == "landmark_mse"]
+    assert len(lm) and lm.value.isna().all() and (lm.flag == "unavailable").all()
+    assert s[s.metric == "l1"].value.notna().all()
+    man = json.loads((out.job_dir / "manifest.json").read_text())
+    assert "/nonexistent/predictor.dat" in man["metrics"]["landmark_mse"]["unavailable"]
+    # not cached: once the weights are there, the metric is computed
+    monkeypatch.delenv("EDIT_HARNESS_DLIB_PREDICTOR")
+    again = run_job(job_config(sample, tmp_path / "res", metrics=metrics))
+    assert again.scored == 1 and _scores(again).query("metric == 'landmark_mse'").value.notna().all()

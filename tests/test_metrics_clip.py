@@ -1,0 +1,484 @@
+"""CLIP metrics (harness/metrics/clip.py) on a tiny random-weight open_clip model; no network."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("open_clip")
+torch = pytest.importorskip("torch")
+
+from harness.metrics import ScoringItem  # noqa: E402
+from harness.metrics import _clip_models as cm  # noqa: E402
+from harness.metrics import clip as clipm  # noqa: E402
+from harness.types import Sample  # noqa: E402
+
+from .conftest import REPO, disc_mask, textured  # noqa: E402
+
+TINY = "edit-harness-tiny-clip"
+TINY_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_config(tmp_path_factory):
+    import open_clip
+
+    d = tmp_path_factory.mktemp("clipcfg")
+    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(d)
+    assert TINY in open_clip.list_models()
+    yield
+
+
+@pytest.fixture(autouse=True)
+def fresh_features():
+    cm.FEATURES.clear()
+    yield
+    cm.FEATURES.clear()
+
+
+def tiny(cls, **kw):
+    params = dict(model=TINY, pretrained=None, allow_random_weights=True, device="cpu", batch_size=3)
+    params.update(kw)
+    return cls(**params)
+
+
+def sample(sid="s0", seed=0, h=48, w=64, **kw):
+    base = dict(
+        id=sid, dataset="synthetic", source=textured(h, w, seed),
+        source_caption="a photo of a red car", target_caption="a photo of a blue car",
+        instruction="make the car blue", mask=disc_mask(h, w, h / 2, w / 2, min(h, w) / 4),
+    )
+    base.update(kw)
+    return Sample(**base)
+
+
+def item(s, seed=100, edit=None):
+    e = edit if edit is not None else textured(s.source.shape[0], s.source.shape[1], seed)
+    return ScoringItem(s, e)
+
+
+# -- independent re-computation with the same model ------------------------------------------
+def ref_transform(img: np.ndarray, size: int) -> "torch.Tensor":
+    """OpenAI CLIP's _transform, written out with torchvision: Resize bicubic, CenterCrop, Normalize."""
+    from PIL import Image
+    from torchvision import transforms as T
+
+    t = T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(OPENAI_MEAN, OPENAI_STD),
+    ])
+    return t(Image.fromarray(img).convert("RGB"))
+
+
+def img_emb(metric, img: np.ndarray) -> np.ndarray:
+    m = metric.bundle.model
+    with torch.no_grad():
+        f = m.encode_image(ref_transform(img, 64).unsqueeze(0))[0].double().numpy()
+    return f / np.linalg.norm(f)
+
+
+def txt_emb(metric, text: str) -> np.ndarray:
+    import open_clip
+
+    m = metric.bundle.model
+    with torch.no_grad():
+        f = m.encode_text(open_clip.tokenize([text]))[0].double().numpy()
+    return f / np.linalg.norm(f)
+
+
+def values(rows):
+    return [[v.value for v in r] for r in rows]
+
+
+# -- tests --------------------------------------------------------------------------------------
+def test_preprocess_matches_openai_transform():
+    m = tiny(clipm.ClipI)
+    for shape in [(48, 64), (80, 50), (64, 64)]:
+        img = textured(*shape, seed=3)
+        from PIL import Image
+
+        got = m.bundle.preprocess(Image.fromarray(img))
+        assert torch.allclose(got, ref_transform(img, 64), atol=1e-6)
+
+
+def test_clip_i_matches_recomputation_and_identity():
+    m = tiny(clipm.ClipI)
+    samples = [sample(f"s{i}", seed=i) for i in range(4)]
+    items = [item(s, seed=50 + i) for i, s in enumerate(samples)]
+    items.append(ScoringItem(samples[0], samples[0].source.copy()))  # identity edit
+    rows = m.score_batch(items)
+    assert all(len(r) == 1 and r[0].region == "all" and r[0].metric == "clip_i" for r in rows)
+    for it, r in zip(items, rows):
+        want = float(np.dot(img_emb(m, it.edit), img_emb(m, it.sample.source)))
+        assert r[0].value == pytest.approx(want, abs=1e-5)
+    assert rows[-1][0].value == pytest.approx(1.0, abs=1e-5)
+    assert m.higher_is_better
+
+
+def test_clip_i_reference_target_missing_flagged():
+    m = tiny(clipm.ClipI, reference="target")
+    s_no = sample("a")
+    s_yes = sample("b", seed=1, target=textured(40, 40, 9))
+    rows = m.score_batch([item(s_no), item(s_yes)])
+    assert math.isnan(rows[0][0].value) and rows[0][0].flag == "missing:target"
+    want = float(np.dot(img_emb(m, item(s_yes).edit), img_emb(m, s_yes.target)))
+    assert rows[1][0].value == pytest.approx(want, abs=1e-5)
+
+
+def test_clip_t_matches_recomputation_scale_and_clamp():
+    samples = [sample(f"s{i}", seed=i, target_caption=f"caption number {i}") for i in range(5)]
+    items = [item(s, seed=20 + i) for i, s in enumerate(samples)]
+    base = tiny(clipm.ClipT)
+    cos = [float(np.dot(img_emb(base, it.edit), txt_emb(base, it.sample.target_caption))) for it in items]
+    assert any(c < 0 for c in cos) or any(c > 0 for c in cos)
+    got = [r[0].value for r in base.score_batch(items)]
+    np.testing.assert_allclose(got, cos, atol=1e-5)
+    x100 = [r[0].value for r in tiny(clipm.ClipT, scale=100.0).score_batch(items)]
+    np.testing.assert_allclose(x100, [100 * c for c in cos], atol=1e-3)
+    per = [r[0].value for r in tiny(clipm.ClipT, scale=100.0, clamp="per_image").score_batch(items)]
+    np.testing.assert_allclose(per, [max(100 * c, 0.0) for c in cos], atol=1e-3)
+    assert min(per) >= 0.0
+    mean_m = tiny(clipm.ClipT, scale=100.0, clamp="mean")
+    unclamped = [r[0].value for r in mean_m.score_batch(items)]
+    np.testing.assert_allclose(unclamped, [100 * c for c in cos], atol=1e-3)  # rows unclamped
+    assert mean_m.mean_clamp_min == 0.0 and "max(mean, 0)" in mean_m.region_rule()
+    assert clipm.clamped_mean(unclamped) == pytest.approx(max(float(np.mean(unclamped)), 0.0))
+    assert clipm.clamped_mean([-3.0, -1.0, float("nan")]) == 0.0
+    # instruction as the text
+    ins = [r[0].value for r in tiny(clipm.ClipT, text_field="instruction").score_batch(items[:2])]
+    np.testing.assert_allclose(ins, [float(np.dot(img_emb(base, it.edit), txt_emb(base, it.sample.instruction))) for it in items[:2]], atol=1e-5)
+
+
+def test_clamp_rules_on_values():
+    assert clipm.apply_scale_clamp(-0.2, 100, "per_image") == 0.0
+    assert clipm.apply_scale_clamp(-0.2, 100, "mean") == pytest.approx(-20.0)
+    assert clipm.apply_scale_clamp(-0.2, 1, "none") == pytest.approx(-0.2)
+    assert clipm.apply_scale_clamp(0.3, 100, "per_image") == pytest.approx(30.0)
+    with pytest.raises(ValueError):
+        tiny(clipm.ClipT, clamp="sometimes")
+
+
+def test_clip_t_edited_region_zero_fill_and_flags():
+    m = tiny(clipm.ClipT, image_region=["all", "edited"])
+    s = sample("a")
+    it = item(s, seed=7)
+    rows = m.score_batch([it, item(sample("nomask", mask=None)), item(sample("empty", mask=np.zeros((48, 64), bool))),
+                          item(sample("nocap", target_caption=None))])
+    assert [v.region for v in rows[0]] == ["all", "edited"]
+    zero_filled = (it.edit * s.mask[..., None]).astype(np.uint8)
+    t = txt_emb(m, s.target_caption)
+    assert rows[0][0].value == pytest.approx(float(np.dot(img_emb(m, it.edit), t)), abs=1e-5)
+    assert rows[0][1].value == pytest.approx(float(np.dot(img_emb(m, zero_filled), t)), abs=1e-5)
+    assert rows[0][0].value != pytest.approx(rows[0][1].value, abs=1e-6)
+    assert rows[1][1].flag == "no_mask" and math.isnan(rows[1][1].value) and not math.isnan(rows[1][0].value)
+    assert rows[2][1].flag == "empty_region" and math.isnan(rows[2][1].value)
+    assert all(math.isnan(v.value) and v.flag == "missing:target_caption" for v in rows[3])
+    # a mask on another grid is resized (nearest) to the edit's grid
+    s2 = sample("b")
+    big = np.asarray(item(s2, seed=8).edit)
+    from PIL import Image
+
+    big = np.asarray(Image.fromarray(big).resize((128, 96), Image.BICUBIC))
+    r = tiny(clipm.ClipT, image_region="edited").score_batch([ScoringItem(s2, big)])[0]
+    m2 = np.asarray(Image.fromarray(s2.mask.astype(np.uint8) * 255).resize((128, 96), Image.NEAREST)) > 127
+    assert r[0].region == "edited"
+    assert r[0].value == pytest.approx(float(np.dot(img_emb(m, (big * m2[..., None]).astype(np.uint8)), t)), abs=1e-5)
+
+
+def test_clip_directional_matches_recomputation_and_flags():
+    m = tiny(clipm.ClipDirectional)
+    samples = [sample(f"s{i}", seed=i, target_caption=f"a photo of a blue car {i}") for i in range(3)]
+    items = [item(s, seed=30 + i) for i, s in enumerate(samples)]
+    same_cap = sample("same", target_caption="a photo of a red car ")
+    no_cap = sample("nocap", source_caption=None)
+    identity = ScoringItem(samples[0], samples[0].source.copy())
+    rows = m.score_batch(items + [item(same_cap), item(no_cap), identity])
+    for it, r in zip(items, rows):
+        s = it.sample
+        di = img_emb(m, it.edit) - img_emb(m, s.source)
+        dt = txt_emb(m, s.target_caption) - txt_emb(m, s.source_caption)
+        want = float(np.dot(di, dt) / (np.linalg.norm(di) * np.linalg.norm(dt)))
+        assert r[0].value == pytest.approx(want, abs=1e-5)
+        assert r[0].region == "all"
+    assert rows[3][0].flag == "zero_text_direction" and math.isnan(rows[3][0].value)
+    assert rows[4][0].flag == "missing:source_caption" and math.isnan(rows[4][0].value)
+    assert rows[5][0].flag == "zero_image_direction" and math.isnan(rows[5][0].value)
+
+
+def test_clipscore_defaults_and_torchmetrics_formula():
+    d = clipm.ClipScore()
+    assert (d.model_name, d.pretrained, d.scale, d.clamp) == ("ViT-L-14", "openai", 100.0, "mean")
+    m = tiny(clipm.ClipScore)
+    samples = [sample(f"s{i}", seed=i, target_caption=f"some caption {i}") for i in range(4)]
+    items = [item(s, seed=40 + i) for i, s in enumerate(samples)]
+    rows = m.score_batch(items)
+
+    # torchmetrics' own CLIPScore update/compute on the same model through an HF-style adapter.
+    from PIL import Image
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    bundle = m.bundle
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = bundle.model
+            self.config = None  # torchmetrics reads config.text_config when present
+
+        def get_image_features(self, pixel_values):
+            return self.inner.encode_image(pixel_values)
+
+        def get_text_features(self, input_ids, attention_mask=None):
+            return self.inner.encode_text(input_ids)
+
+    def processor(images=None, text=None, return_tensors="pt", padding=True):
+        if images is not None:
+            px = [ref_transform(np.asarray(i.permute(1, 2, 0).numpy(), dtype=np.uint8), 64) for i in images]
+            return {"pixel_values": torch.stack(px)}
+        ids = bundle.tokenizer(text)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+    tm = CLIPScore(model_name_or_path=lambda: (Model(), processor))
+    with torch.no_grad():
+        for it in items:
+            tm.update(torch.from_numpy(np.ascontiguousarray(it.edit.transpose(2, 0, 1))), it.sample.target_caption)
+        want = float(tm.compute())
+    ours = clipm.clamped_mean([r[0].value for r in rows])
+    assert ours == pytest.approx(want, abs=1e-3)
+    # and the independent numpy formula: max(mean(100 cos), 0)
+    cos = [float(np.dot(img_emb(m, it.edit), txt_emb(m, it.sample.target_caption))) for it in items]
+    assert ours == pytest.approx(max(100 * float(np.mean(cos)), 0.0), abs=1e-3)
+    np.testing.assert_allclose([r[0].value for r in rows], [100 * c for c in cos], atol=1e-3)
+
+
+def test_random_weights_named_and_unavailable_without(monkeypatch, tmp_path):
+    m = tiny(clipm.ClipT)
+    assert m.available() is None
+    assert "RANDOM WEIGHTS (smoke run)" in m.weights()
+    # No weights anywhere, no random, no downloads: unavailable with a reason naming the fixes.
+    import huggingface_hub.constants as hfc
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"), raising=False)
+    monkeypatch.delenv(cm.ALLOW_DOWNLOADS_ENV, raising=False)
+    for cls in (clipm.ClipI, clipm.ClipT, clipm.ClipDirectional, clipm.ClipScore):
+        u = cls(model="ViT-B-32", pretrained="openai")
+        reason = u.available()
+        assert reason and "ViT-B-32" in reason and "openai" in reason
+        assert "weights_path" in reason and cm.ALLOW_DOWNLOADS_ENV in reason and "allow_random_weights" in reason
+        assert "RANDOM" not in u.weights()
+        with pytest.raises(clipm.MetricUnavailable):
+            u.load()
+    # with downloads allowed the tag resolves to an open_clip download (not performed here)
+    monkeypatch.setenv(cm.ALLOW_DOWNLOADS_ENV, "1")
+    r = cm.resolve_weights("ViT-B-32", "openai")
+    assert r.origin == "download" and r.quick_gelu
+    # a missing weights_path is reported as such
+    assert "does not exist" in clipm.ClipI(weights_path=str(tmp_path / "nope.pt")).available()
+
+
+def test_suite_unavailable_gives_no_numbers(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hfc
+
+    from harness.scoring import MetricSuite
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(tmp_path / "hf"), raising=False)
+    monkeypatch.delenv(cm.ALLOW_DOWNLOADS_ENV, raising=False)
+    suite = MetricSuite({
+        "protocol": "t", "reference": "source", "region_rule": "area", "regions": ["all", "edited", "unedited"],
+        "items": {"clip_t": {}, "clip_i": {}, "clip_dir": {"metric": "clip_directional"}, "cs": {"metric": "clipscore"}},
+    })
+    it = item(sample("a"))
+    for e in suite.entries:
+        assert e.unavailable
+        rows = suite.score(e, [it])[0]
+        assert rows and all(math.isnan(v.value) and v.flag == "unavailable" for v in rows)
+    desc = suite.describe()
+    assert "weights unavailable" in desc["clip_t"]["weights"]
+
+
+def test_suite_runs_with_random_weights():
+    from harness.scoring import MetricSuite
+
+    p = dict(model=TINY, pretrained=None, allow_random_weights=True, device="cpu")
+    suite = MetricSuite({
+        "protocol": "t", "reference": "source", "region_rule": "zero_fill", "regions": ["all", "edited", "unedited"],
+        "items": {"clip_t": dict(p), "clip_i": dict(p), "clip_dir": {"metric": "clip_directional", **p},
+                  "cs_edit": {"metric": "clipscore", "image_region": "edited", **p}},
+    })
+    it = item(sample("a"))
+    out = {e.name: suite.score(e, [it])[0] for e in suite.entries}
+    assert all(not e.unavailable for e in suite.entries)
+    assert [v.region for v in out["cs_edit"]] == ["edited"]
+    assert all(len(r) == 1 and not math.isnan(r[0].value) for r in out.values())
+    assert "RANDOM WEIGHTS (smoke run)" in suite.describe()["clip_i"]["weights"]
+
+
+def test_unknown_params_rejected():
+    with pytest.raises(TypeError):
+        clipm.ClipI(modle="ViT-B-32")
+    with pytest.raises(ValueError):
+        clipm.ClipT(text_field="caption")
+    with pytest.raises(ValueError):
+        clipm.ClipT(image_region="unedited")
+
+
+def test_source_and_caption_encoded_once(monkeypatch):
+    m = tiny(clipm.ClipDirectional)
+    model = m.bundle.model
+    calls = {"image": 0, "text": 0}
+    enc_i, enc_t = model.encode_image, model.encode_text
+
+    def ci(x, *a, **k):
+        calls["image"] += x.shape[0]
+        return enc_i(x, *a, **k)
+
+    def ct(x, *a, **k):
+        calls["text"] += x.shape[0]
+        return enc_t(x, *a, **k)
+
+    monkeypatch.setattr(model, "encode_image", ci)
+    monkeypatch.setattr(model, "encode_text", ct)
+    s = sample("a")
+    r1 = m.score_batch([item(s, seed=1)])
+    assert calls == {"image": 2, "text": 2}
+    r2 = m.score_batch([item(s, seed=2)])  # another method's edit of the same sample
+    assert calls == {"image": 3, "text": 2}  # only the new edit was encoded
+    # another CLIP metric on the same model reuses the edit and source embeddings
+    ci_m = tiny(clipm.ClipI)
+    assert ci_m.bundle is m.bundle
+    ci_m.score_batch([item(s, seed=2)])
+    assert calls == {"image": 3, "text": 2}
+    assert not math.isnan(r1[0][0].value) and not math.isnan(r2[0][0].value)
+    # several edits of one batch sharing a source: the source is encoded once
+    s2 = sample("b", seed=5)
+    m.score_batch([item(s2, seed=10), item(s2, seed=11), item(s2, seed=12)])
+    assert calls["image"] == 3 + 4
+
+
+def test_feature_cache_dir(tmp_path, monkeypatch):
+    # random weights are never persisted
+    m = tiny(clipm.ClipI, feature_cache_dir=str(tmp_path / "fc"))
+    m.score_batch([item(sample("a"))])
+    assert not (tmp_path / "fc").exists()
+    # with a weights file, source embeddings are written and read back in a fresh process state
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(m.bundle.model.state_dict(), ckpt)
+    mf = tiny(clipm.ClipI, weights_path=str(ckpt), allow_random_weights=False, feature_cache_dir=str(tmp_path / "fc"))
+    assert mf.available() is None and "weights_path file" in mf.weights() and "RANDOM" not in mf.weights()
+    s = sample("a")
+    v1 = mf.score_batch([item(s)])[0][0].value
+    files = list((tmp_path / "fc").rglob("*.npy"))
+    assert len(files) == 1 and files[0].name.startswith("image_")  # the source only, not the edit
+    cm.FEATURES.clear()
+    calls = []
+    enc = mf.bundle.model.encode_image
+    monkeypatch.setattr(mf.bundle.model, "encode_image", lambda x, *a, **k: (calls.append(x.shape[0]), enc(x, *a, **k))[1])
+    v2 = mf.score_batch([item(s)])[0][0].value
+    assert calls == [1] and v2 == pytest.approx(v1, abs=1e-6)
+    # loaded weights equal the random model's: same values
+    assert v1 == pytest.approx(m.score_batch([item(s)])[0][0].value, abs=1e-5)
+
+
+def test_resolution_from_hf_cache_folder(tmp_path):
+    # A hub cache layout for the ViT-B-32 'openai' tag's repo, given as weights_path.
+    repo = tmp_path / "models--timm--vit_base_patch32_clip_224.openai"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_model.safetensors").write_bytes(b"x")
+    r = cm.resolve_weights("ViT-B-32", "openai", str(tmp_path))
+    assert not isinstance(r, str), r
+    assert r.origin == "file" and r.path.endswith("open_clip_model.safetensors")
+    assert r.quick_gelu and dict(r.preprocess)["mean"] == OPENAI_MEAN
+    assert dict(r.preprocess)["interpolation"] == "bicubic" and dict(r.preprocess)["resize_mode"] == "shortest"
+    # a folder with the tag's URL file name
+    d = tmp_path / "plain"
+    d.mkdir()
+    (d / "ViT-B-32.pt").write_bytes(b"x")
+    r2 = cm.resolve_weights("ViT-B-32", "openai", str(d))
+    assert r2.origin == "file" and r2.path.endswith("ViT-B-32.pt")
+
+
+def test_import_and_resolution_stay_torch_free():
+    code = (
+        "import sys\n"
+        "import harness.metrics, harness.metrics.clip as c\n"
+        "m = c.ClipT(model='ViT-B-32', pretrained='openai')\n"
+        "m.available(); m.weights(); m.region_rule()\n"
+        "assert 'torch' not in sys.modules and 'open_clip' not in sys.modules, sorted(k for k in sys.modules if 'torch' in k)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_real_architecture_vit_b_32_constructs():
+    import open_clip
+
+    t = time.time()
+    model = open_clip.create_model("ViT-B-32", pretrained=None)
+    with torch.no_grad():
+        f = model.encode_image(torch.zeros(1, 3, 224, 224))
+        g = model.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a cat"]))
+    assert f.shape == (1, 512) and g.shape == (1, 512)
+    assert time.time() - t < 60
+
+
+@pytest.mark.slow
+def test_real_architecture_vit_l_14_constructs():
+    import open_clip
+
+    model = open_clip.create_model("ViT-L-14", pretrained=None)
+    with torch.no_grad():
+        f = model.encode_image(torch.zeros(1, 3, 224, 224))
+    assert f.shape == (1, 768)
+
+
+def test_weights_from_local_dir_and_tag_quick_gelu(tmp_path, monkeypatch):
+    import open_clip
+
+    m = tiny(clipm.ClipI)
+    s = sample("a")
+    v_random = m.score_batch([item(s)])[0][0].value
+    # an HF-style snapshot folder: open_clip_config.json + weights -> open_clip's local-dir:
+    d = tmp_path / "snap"
+    d.mkdir()
+    (d / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
+    r = cm.resolve_weights(TINY, None, str(d))
+    assert isinstance(r, str) and "no .safetensors" in r  # config only: refused, never random
+    torch.save(m.bundle.model.state_dict(), d / "open_clip_pytorch_model.bin")
+    ml = clipm.ClipI(model=TINY, pretrained=None, weights_path=str(d), device="cpu")
+    assert ml.available() is None and "local-dir" in ml.weights()
+    assert ml.score_batch([item(s)])[0][0].value == pytest.approx(v_random, abs=1e-5)
+    # a tag whose config says quick_gelu gets QuickGELU (open_clip 3.x only warns otherwise)
+    real = cm.tag_config
+    fake = {"quick_gelu": True, "mean": OPENAI_MEAN, "std": OPENAI_STD, "interpolation": "bicubic",
+            "resize_mode": "shortest", "url": "https://example.invalid/tiny.pt"}
+    monkeypatch.setattr(cm, "tag_config", lambda model, tag: dict(fake) if tag == "faketag" else real(model, tag))
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(m.bundle.model.state_dict(), ckpt)
+    mq = clipm.ClipI(model=TINY, pretrained="faketag", weights_path=str(ckpt), device="cpu")
+    assert "QuickGELU" in mq.weights()
+    acts = {type(x).__name__ for x in mq.bundle.model.modules()}
+    assert "QuickGELU" in acts and "GELU" not in acts
+    assert "GELU" in {type(x).__name__ for x in m.bundle.model.modules()}
