@@ -23,6 +23,7 @@ from . import ssim  # noqa: F401  (ssim)
 from . import perceptual  # noqa: F401  (lpips)
 from . import landmarks  # noqa: F401  (landmark_mse)
 from . import fid  # noqa: F401  (fid, kid: set metrics)
+from . import clip  # noqa: F401  (clip_i, clip_t, clip_directional, clipscore)
 
 __all__ = [
     "REGION_RULE_TEXT", "REGION_RULES", "REGIONS", "ImageMetric", "ImagePair", "Metric", "MetricUnavailable",
