@@ -47,6 +47,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .base import resolve_device
+
 ALLOW_DOWNLOADS_ENV = "EDIT_HARNESS_ALLOW_DOWNLOADS"
 RANDOM_WEIGHTS_TEXT = "RANDOM WEIGHTS (smoke run)"
 HF_WEIGHTS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -371,15 +373,6 @@ class ClipBundle:
         return self._run("text", texts, [text_hash(t) for t in texts], batch_size, cache_dir, None)
 
 
-def resolve_device(device: str | None) -> str:
-    dev = str(device or "auto")
-    if dev == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return dev
-
-
 def load_clip(
     model: str = "ViT-B-32",
     pretrained: str | None = "openai",
@@ -396,7 +389,7 @@ def load_clip(
     r = resolve_weights(model, pretrained, weights_path, allow_random)
     if isinstance(r, str):
         raise MetricUnavailable(r)
-    dev = resolve_device(device)
+    dev = resolve_device(str(device or "auto"))
     cache_key = (model, pretrained, r.origin, r.path, dev)
     with _LOCK:
         if cache_key in _MODELS:

@@ -121,6 +121,15 @@ class Metric(abc.ABC):
 # --------------------------------------------------------------------------------------------
 # Shared helpers for image metrics
 # --------------------------------------------------------------------------------------------
+def resolve_device(device: str) -> str:
+    """A metric's ``device`` parameter: ``auto`` means CUDA when available, else CPU."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def to_float01(img: np.ndarray) -> np.ndarray:
     """RGB uint8 HxWx3 -> float64 HxWx3 in [0, 1]."""
     if img.dtype != np.uint8:

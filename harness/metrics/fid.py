@@ -79,7 +79,7 @@ import numpy as np
 
 from ..registry import METRICS
 from ..types import ScoreValue
-from .base import MetricUnavailable, ScoringItem, SetMetric
+from .base import resolve_device, MetricUnavailable, ScoringItem, SetMetric
 from .perceptual import torch_hub_dir
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -451,11 +451,7 @@ class InceptionSetMetric(SetMetric):
         r = self._resolved()
         if isinstance(r, str):
             raise MetricUnavailable(r)
-        import torch
-
-        dev = self.device_param
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = resolve_device(self.device_param)
         self._device = dev
         self._model = load_inception(r, antialias=self.mode != "torch_fidelity", device=dev, random_seed=self.random_seed)
 

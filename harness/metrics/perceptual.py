@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from ..registry import METRICS
-from .base import ImageMetric, ImagePair, MetricUnavailable
+from .base import resolve_device, ImageMetric, ImagePair, MetricUnavailable
 
 NETS = ("alex", "vgg")
 TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -259,11 +259,7 @@ class LPIPS(ImageMetric):
         r = self._resolved()
         if isinstance(r, str):
             raise MetricUnavailable(r)
-        import torch
-
-        dev = self.device_param
-        if dev == "auto":
-            dev = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = resolve_device(self.device_param)
         self._device = dev
         self._model = load_lpips_model(self.net, r[1], dev)
 
