@@ -271,6 +271,8 @@ def summarize(
     for c in ("flag", "protocol", "weights", "region_rule"):
         if c not in df.columns:
             df = df.assign(**{c: None})
+    if "mean_floor" not in df.columns:  # tables written before the column existed
+        df = df.assign(mean_floor=math.nan)
 
     # One pass: group ids, then per group only numpy slices (pandas per-group objects are slow
     # when a per-category sweep report has thousands of groups).
@@ -281,6 +283,7 @@ def summarize(
     bounds = np.concatenate([[0], np.cumsum(np.bincount(gid, minlength=len(sizes)))])
     values = df["value"].to_numpy(dtype=np.float64)[order]
     hib = df["higher_is_better"].to_numpy(dtype=bool)[order]
+    floors = pd.to_numeric(df["mean_floor"], errors="coerce").to_numpy(dtype=np.float64)[order]
     coded = {}
     for c in ("flag", "protocol", "weights", "region_rule"):
         codes, uniques = pd.factorize(df[c].astype(object), use_na_sentinel=True)
@@ -300,6 +303,7 @@ def summarize(
         return ", ".join(f"{f}: {k}" for f, k in pairs)
 
     rows: list[dict[str, Any]] = []
+    floor_of: dict[int, float] = {}  # row index -> the protocol's floor on the mean
     pending: dict[int, list[tuple[int, np.ndarray]]] = {}  # n -> [(row index, finite values)]
     for g, key in enumerate(key_rows):
         a, b = int(bounds[g]), int(bounds[g + 1])
@@ -319,6 +323,10 @@ def summarize(
             pending.setdefault(x.size, []).append((len(rows), x))
         else:
             row.update(mean=sp[0], ci_low=sp[1], ci_high=sp[2])
+        f = floors[a:b]
+        f = f[~np.isnan(f)]
+        if f.size:
+            floor_of[len(rows)] = float(f.max())
         rows.append(row)
     for n in sorted(pending):
         items = pending[n]
@@ -326,6 +334,16 @@ def summarize(
         for j, (i, _) in enumerate(items):
             rows[i]["ci_low"] = float(lo[j])
             rows[i]["ci_high"] = float(hi[j])
+    # Protocols that clamp the MEAN (torchmetrics CLIPScore: max(mean, 0)) keep per-edit rows
+    # unclamped; the clamp is applied here, to the mean and its interval (a monotone map, so
+    # clamping the bootstrap bounds equals bootstrapping the clamped mean).
+    for i, floor in floor_of.items():
+        for c in ("mean", "ci_low", "ci_high"):
+            v = rows[i][c]
+            if not math.isnan(v) and v < floor:
+                rows[i][c] = floor
+                if c == "mean":
+                    rows[i]["flags"] = ", ".join(x for x in (rows[i]["flags"], f"mean_clamped_at: {floor:g}") if x)
     out = pd.DataFrame(rows, columns=out_cols)
     for c in ("mean", "ci_low", "ci_high"):
         out[c] = out[c].astype("float64")

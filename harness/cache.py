@@ -41,20 +41,24 @@ def edit_key(
     sample_id: str,
     sample_fingerprint: str,
     seed: int,
+    previous_edit: str | None = None,
 ) -> str:
-    return stable_hash(
-        {
-            "method": method,
-            "method_version": method_version,
-            "params": params,
-            "model_revision": model_revision,
-            "dataset": dataset,
-            "dataset_version": dataset_version,
-            "sample_id": sample_id,
-            "sample": sample_fingerprint,
-            "seed": seed,
-        }
-    )
+    """The content key of one edit. ``previous_edit``: the key of the edit this one was fed
+    (multi-turn self-fed editing), so that another earlier edit gives another key."""
+    parts: dict[str, Any] = {
+        "method": method,
+        "method_version": method_version,
+        "params": params,
+        "model_revision": model_revision,
+        "dataset": dataset,
+        "dataset_version": dataset_version,
+        "sample_id": sample_id,
+        "sample": sample_fingerprint,
+        "seed": seed,
+    }
+    if previous_edit is not None:  # keys of unchained edits stay as they were
+        parts["previous_edit"] = previous_edit
+    return stable_hash(parts)
 
 
 class EditRecord:

@@ -43,6 +43,7 @@ EDIT_COLUMNS = [
 SCORE_COLUMNS = [
     "run", "job", "method", "method_version", "params", "dataset", "sample_id", "category", "seed",
     "edit_key", "metric", "region", "value", "flag", "protocol", "weights", "region_rule", "higher_is_better",
+    "mean_floor",
 ]
 
 
@@ -221,8 +222,9 @@ class Job:
         self._probe = _MemoryProbe(cfg.memory)
 
     # -- edits ----------------------------------------------------------------------------
-    def key_for(self, ref: SampleRef) -> str:
+    def key_for(self, ref: SampleRef, previous_key: str | None = None) -> str:
         return edit_key(
+            previous_edit=previous_key,
             method=self.method.name,
             method_version=self.method.version,
             params=self.params,
@@ -246,10 +248,25 @@ class Job:
             log.error(self._prepare_error)
         self.load_seconds = time.perf_counter() - t0
 
-    def compute(self, ref: SampleRef) -> tuple[EditResult, bool]:
-        """Make one edit. Returns the result and whether it may be cached."""
+    def compute(self, ref: SampleRef, previous: "_Chained | None" = None) -> tuple[EditResult, bool]:
+        """Make one edit. Returns the result and whether it may be cached.
+
+        ``previous``: for a self-fed turn (multi-turn editing), this job's edit of the turn
+        before, which replaces the sample's source (``dataset.feed_previous``).
+        """
         try:
             sample = self.dataset.load(ref)
+            prev_id = _previous_sample(ref)
+            if prev_id is not None:
+                if previous is None:
+                    return EditResult(EditStatus.SKIPPED, reason=(
+                        f"sample '{ref.id}': its previous turn '{prev_id}' is not in this job "
+                        "(multi-turn editing needs a session's turns in order, in one job)")), False
+                if previous.record.status != EditStatus.OK:
+                    return EditResult(EditStatus.SKIPPED, reason=(
+                        f"sample '{ref.id}': the previous turn '{prev_id}' has no edit "
+                        f"({previous.record.status.value}: {previous.record.meta.get('reason')})")), False
+                sample = self.dataset.feed_previous(sample, previous.image())
         except SampleError as e:
             return EditResult(EditStatus.FAILED, reason=str(e)), False
         reason = self.method.cannot_handle(sample)
@@ -307,14 +324,20 @@ class Job:
         pool = ThreadPoolExecutor(writers) if writers else None
         pending: deque = deque()
         bar = tqdm(refs, desc=f"edit {self.method.label()}", unit="edit", disable=not self.cfg.progress, leave=False)
+        # Multi-turn (self-fed) editing: a ref whose record names a ``previous_sample`` is edited
+        # from this job's edit of that sample, and its key includes that edit's key.
+        chained: dict[str, _Chained] = {}
         try:
             for ref in bar:
-                key = self.key_for(ref)
+                prev_id = _previous_sample(ref)
+                previous = chained.get(prev_id) if prev_id is not None else None
+                key = self.key_for(ref, previous.key if previous is not None else None)
                 rec = self.store.get(key)
+                result = None
                 if rec is not None and not (self.cfg.retry_failed and rec.status == EditStatus.FAILED):
                     cached += 1
                 else:
-                    result, cacheable = self.compute(ref)
+                    result, cacheable = self.compute(ref, previous)
                     extra = {"sample_id": ref.id, "method": self.method.name, "params": self.params,
                              "dataset": self.dataset.name, "seed": self.cfg.seed,
                              "model_revision": self.method.model_revision()}
@@ -326,6 +349,7 @@ class Job:
                     elif cacheable:
                         self.store.put(key, result, extra)
                     computed += 1
+                chained[ref.id] = _Chained(key, rec, result.image if result is not None else None)
                 records.append((ref, key, rec))
             while pending:
                 pending.popleft().result()
@@ -342,7 +366,7 @@ class Job:
         from .metrics.base import ScoringItem
 
         assert self.suite is not None
-        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK]
+        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK and _scored(ref)]
         scores: dict[str, list[ScoreValue]] = {key: [] for _, key, _ in ok}
         cached_parts: dict[tuple[str, str], list[ScoreValue]] = {}
         todo: list[tuple[SampleRef, str, EditRecord, list]] = []
@@ -388,7 +412,7 @@ class Job:
         from .metrics.base import ScoringItem
 
         assert self.suite is not None
-        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK]
+        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK and _scored(ref)]
         out: list[tuple[str, ScoreValue]] = []
         for entry in self.suite.set_entries:
             set_key = stable_hash({"metric": entry.hash, "edits": sorted(k for _, k, _ in ok)})
@@ -457,6 +481,7 @@ class Job:
                         "weights": d["weights"],
                         "region_rule": d["region_rule"],
                         "higher_is_better": bool(d["higher_is_better"]),
+                        "mean_floor": d["mean_floor"],
                     })
         if set_scores and self.suite is not None:
             desc = self.suite.describe()
@@ -465,10 +490,12 @@ class Job:
                 row = self._base_row(SampleRef(SET_SAMPLE_ID, {}, ""), set_key)
                 score_rows.append({**row, "metric": v.metric, "region": v.region, "value": v.value, "flag": v.flag,
                                    "protocol": self.suite.protocol, "weights": d["weights"],
-                                   "region_rule": d["region_rule"], "higher_is_better": bool(d["higher_is_better"])})
+                                   "region_rule": d["region_rule"], "higher_is_better": bool(d["higher_is_better"]),
+                                   "mean_floor": d["mean_floor"]})
         table = pd.DataFrame(score_rows, columns=SCORE_COLUMNS)
         table["value"] = table["value"].astype("float64")
         table["higher_is_better"] = table["higher_is_better"].astype(bool)
+        table["mean_floor"] = table["mean_floor"].astype("float64")
         self.job_dir.mkdir(parents=True, exist_ok=True)
         save_bytes(self.job_dir / "edits.parquet", _parquet_bytes(edits))
         save_bytes(self.job_dir / "scores.parquet", _parquet_bytes(table))
@@ -514,6 +541,31 @@ class Job:
         self.write_manifest(resolved, outcome)
         log.info("job %s: %s (computed %d, cached %d, scored %d)", self.job_id, counts, computed, cached, scored)
         return JobOutcome(self.job_dir, counts, computed, cached, scored)
+
+
+@dataclasses.dataclass
+class _Chained:
+    """An edit of this job that a later turn may be fed (the image kept in memory until written)."""
+
+    key: str
+    record: EditRecord
+    _image: np.ndarray | None = None
+
+    def image(self) -> np.ndarray:
+        return self._image if self._image is not None else self.record.image()
+
+
+def _previous_sample(ref: SampleRef) -> str | None:
+    """The sample a self-fed turn is edited from (``record['previous_sample']``), if any."""
+    rec = ref.record if isinstance(ref.record, Mapping) else {}
+    prev = rec.get("previous_sample")
+    return str(prev) if prev else None
+
+
+def _scored(ref: SampleRef) -> bool:
+    """Whether the protocol scores this sample (multi-turn: only each session's final turn)."""
+    rec = ref.record if isinstance(ref.record, Mapping) else {}
+    return rec.get("scored", True) is not False
 
 
 def _base_metric(name: str, desc: Mapping[str, Any]) -> str:

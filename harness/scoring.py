@@ -10,6 +10,13 @@ Config shape::
     items:                     # reported name -> {metric: <registered class>, ...params}
       l1: {}
       lpips_alex: {metric: lpips, net: alex}
+      lpips_bg: {metric: lpips, net: squeeze, report_scale: 1000}   # reported x10^3
+
+``report_scale`` (any item; default 1) multiplies the metric's values as the paper's table
+prints them (PIE-Bench: structure distance and LPIPS x10^3, MSE x10^4, SSIM x10^2); it is
+written into the region rule shown in every table, and the per-edit rows carry the scaled value.
+Metrics with their own ``scale`` parameter (the CLIP family: ``scale: 100`` before a clamp) keep
+it; ``report_scale`` is applied after everything the metric does.
 
 Each item is hashed (protocol, class, params); that hash keys its cached scores, so changing
 one metric's configuration rescores only that metric.
@@ -36,8 +43,14 @@ class SuiteEntry:
     metric: Metric
     hash: str
     unavailable: str | None = None
+    report_scale: float = 1.0
     loaded: bool = False
     errors: list[dict[str, str]] = dataclasses.field(default_factory=list)  # metric exceptions, with tracebacks
+
+
+def _mean_floor(metric: Metric) -> float:
+    floor = getattr(metric, "mean_clamp_min", None)
+    return math.nan if floor is None else float(floor)
 
 
 class MetricSuite:
@@ -59,13 +72,24 @@ class MetricSuite:
             item = dict(item or {})
             cls_name = item.pop("metric", name)
             cls = METRICS.get(cls_name)
+            report_scale = item.pop("report_scale", 1.0)
+            try:
+                report_scale = float(report_scale)
+            except (TypeError, ValueError):
+                report_scale = math.nan
+            if not (math.isfinite(report_scale) and report_scale > 0):
+                raise ValueError(f"metric '{name}' in protocol '{self.protocol}': report_scale must be a positive number, "
+                                 f"got {item.get('report_scale', report_scale)!r}")
             kwargs = {**common, **item}
             try:
                 metric = cls(name=name, **kwargs)
             except TypeError as e:
                 raise ValueError(f"metric '{name}' ({cls_name}) in protocol '{self.protocol}': {e}") from None
-            h = stable_hash({"class": cls_name, "version": getattr(cls, "version", "1"), "params": kwargs, "name": name}, 16)
-            self.entries.append(SuiteEntry(name, metric, h, metric.available()))
+            key = {"class": cls_name, "version": getattr(cls, "version", "1"), "params": kwargs, "name": name}
+            if report_scale != 1.0:  # keeps the hashes (and cached scores) of unscaled items unchanged
+                key["report_scale"] = report_scale
+            h = stable_hash(key, 16)
+            self.entries.append(SuiteEntry(name, metric, h, metric.available(), report_scale))
 
     @property
     def edit_entries(self) -> list[SuiteEntry]:
@@ -79,34 +103,62 @@ class MetricSuite:
 
     def score_set(self, entry: SuiteEntry, batches: Iterable[Sequence[ScoringItem]]) -> list[ScoreValue]:
         """Stream batches through a set metric; failures give NaN rows flagged, never a crash."""
+        self._load(entry, "(set)")
         if entry.unavailable:
             return self.unavailable_rows(entry)
         try:
-            if not entry.loaded:
-                entry.metric.load()
-                entry.loaded = True
             entry.metric.reset()
             for batch in batches:
                 entry.metric.update(batch)
-            return list(entry.metric.compute_set())
+            return self._scaled(entry, list(entry.metric.compute_set()))
         except Exception as e:
             entry.errors.append({"sample_id": "(set)", "error": str(e), "traceback": traceback.format_exc()})
-            return [ScoreValue(entry.name, r, math.nan, f"error:{type(e).__name__}") for r in entry.metric.regions()]
+            return self.flagged_rows(entry, f"error:{type(e).__name__}")
 
     def describe(self) -> dict[str, Any]:
         return {
             e.name: {
                 "weights": e.metric.weights(),
-                "region_rule": e.metric.region_rule(),
+                "region_rule": self.region_rule(e),
                 "higher_is_better": e.metric.higher_is_better,
+                # The protocol clamps the MEAN at this floor (torchmetrics CLIPScore); NaN: no clamp.
+                "mean_floor": _mean_floor(e.metric),
                 "unavailable": e.unavailable,
                 "hash": e.hash,
             }
             for e in self.entries
         }
 
+    @staticmethod
+    def region_rule(entry: SuiteEntry) -> str:
+        rule = entry.metric.region_rule()
+        return rule if entry.report_scale == 1.0 else f"{rule}; reported x{entry.report_scale:g}"
+
+    @staticmethod
+    def _scaled(entry: SuiteEntry, rows: list[ScoreValue]) -> list[ScoreValue]:
+        if entry.report_scale == 1.0:
+            return rows
+        return [dataclasses.replace(v, value=v.value * entry.report_scale) for v in rows]
+
+    @staticmethod
+    def flagged_rows(entry: SuiteEntry, flag: str) -> list[ScoreValue]:
+        """NaN rows under every (metric, region) the metric would have written, all flagged."""
+        return [ScoreValue(m, r, math.nan, flag) for m, r in entry.metric.output_rows()]
+
     def unavailable_rows(self, entry: SuiteEntry) -> list[ScoreValue]:
-        return [ScoreValue(entry.name, r, math.nan, "unavailable") for r in entry.metric.regions()]
+        return self.flagged_rows(entry, "unavailable")
+
+    def _load(self, entry: SuiteEntry, sample_id: str) -> None:
+        """Load the metric's models once. A metric that turns out unavailable only now (say a
+        corrupt checkpoint) is marked so, with the reason: a sweep never stops on it."""
+        if entry.loaded or entry.unavailable:
+            return
+        try:
+            entry.metric.load()
+            entry.loaded = True
+        except Exception as e:
+            entry.unavailable = f"{entry.name}: loading failed: {type(e).__name__}: {e}"
+            entry.errors.append({"sample_id": sample_id, "error": entry.unavailable, "traceback": traceback.format_exc()})
 
     @staticmethod
     def applies(entry: SuiteEntry, item: ScoringItem) -> bool:
@@ -132,20 +184,18 @@ class MetricSuite:
         return out
 
     def _score(self, entry: SuiteEntry, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
+        self._load(entry, items[0].sample.id)
         if entry.unavailable:
             return [self.unavailable_rows(entry) for _ in items]
-        if not entry.loaded:
-            entry.metric.load()
-            entry.loaded = True
         try:
             out = entry.metric.score_batch(items)
             if len(out) != len(items):
                 raise RuntimeError(f"metric returned {len(out)} results for {len(items)} items")
-            return out
+            return [self._scaled(entry, rows) for rows in out]
         except Exception as e:  # one bad item must not stop the sweep: retry one by one
             if len(items) > 1:
                 return [r for it in items for r in self._score(entry, [it])]
             flag = f"error:{type(e).__name__}"
             item = items[0]
             entry.errors.append({"sample_id": item.sample.id, "error": str(e), "traceback": traceback.format_exc()})
-            return [[ScoreValue(entry.name, r, math.nan, flag) for r in entry.metric.regions()]]
+            return [self.flagged_rows(entry, flag)]

@@ -125,3 +125,34 @@ class RaisesOn(Metric):
                 raise ValueError(f"cannot score {it.sample.id}")
             out.append([ScoreValue(self.name, "all", float(it.edit.mean()))])
         return out
+
+
+@METRICS.register("test_signed_mean")
+class SignedMean(Metric):
+    """Mean pixel value minus ``offset``; with ``floor`` set, the protocol clamps the MEAN there
+    (like torchmetrics CLIPScore's max(mean, 0))."""
+
+    higher_is_better = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        floor = self.params.get("floor")
+        self.mean_clamp_min = None if floor is None else float(floor)
+
+    def score_batch(self, items):
+        off = float(self.params.get("offset", 0.0))
+        return [[ScoreValue(self.name, "all", float(it.edit.mean()) - off)] for it in items]
+
+
+@METRICS.register("test_load_fails")
+class LoadFails(Metric):
+    """A metric whose model file turns out corrupt at load time; rows under two names."""
+
+    def load(self):
+        raise ValueError("checkpoint is corrupt")
+
+    def output_rows(self):
+        return [(f"{self.name}_a", "all"), (f"{self.name}_b", "all")]
+
+    def score_batch(self, items):  # never reached
+        raise AssertionError("scored without a model")

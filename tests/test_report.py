@@ -330,3 +330,26 @@ def test_cost_columns_aggregate_runner_timings(tmp_path):
     assert infer.equals(ok.set_index(["method", "sample_id"]).infer_seconds.astype("float64").rename("value"))
     md = write_report(run, tmp_path / "out")["table.md"].read_text()
     assert "cost_infer_s [all] ↓" in md and "cost_infer_s -> runner" in md
+
+
+def test_summarize_applies_protocol_floor_on_the_mean():
+    """torchmetrics CLIPScore clamps the MEAN at 0: per-edit rows stay raw, the summary clamps."""
+    def frame(values, floor):
+        n = len(values)
+        return pd.DataFrame({
+            "method": ["m"] * n, "params": ["{}"] * n, "dataset": ["d"] * n, "sample_id": [f"s{i}" for i in range(n)],
+            "metric": ["clipscore"] * n, "region": ["all"] * n, "value": values, "higher_is_better": [True] * n,
+            "mean_floor": [floor] * n,
+        })
+
+    neg = summarize(frame([-3.0, -1.0, float("nan")], 0.0)).iloc[0]
+    assert neg["mean"] == 0.0 and neg["ci_low"] == 0.0 and neg["ci_high"] == 0.0
+    assert "mean_clamped_at: 0" in neg["flags"] and (neg["n"], neg["n_nan"]) == (2, 1)
+    # A mean above the floor is untouched; the lower CI bound alone may be clamped.
+    mixed = summarize(frame([-5.0, 1.0, 10.0], 0.0)).iloc[0]
+    assert mixed["mean"] == pytest.approx(2.0) and mixed["ci_low"] >= 0.0 and "mean_clamped" not in mixed["flags"]
+    # No floor (NaN, or a table written before the column existed): plain mean.
+    plain = summarize(frame([-3.0, -1.0], float("nan"))).iloc[0]
+    assert plain["mean"] == pytest.approx(-2.0)
+    old = summarize(frame([-3.0, -1.0], 0.0).drop(columns="mean_floor")).iloc[0]
+    assert old["mean"] == pytest.approx(-2.0)

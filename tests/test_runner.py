@@ -256,3 +256,40 @@ def test_missing_weights_report_the_metric_unavailable_with_reason(tmp_path, mon
     monkeypatch.delenv("EDIT_HARNESS_DLIB_PREDICTOR")
     again = run_job(job_config(sample, tmp_path / "res", metrics=metrics))
     assert again.scored == 1 and _scores(again).query("metric == 'landmark_mse'").value.notna().all()
+
+
+def test_mean_floor_travels_from_metric_to_summary(builder, tmp_path):
+    """A protocol that clamps the mean (CLIPScore) keeps per-edit rows raw; the summary clamps."""
+    from harness.aggregate import load_run, summarize
+
+    for i in range(3):
+        builder.add_simple(f"s{i}", seed=i)
+    metrics = {"protocol": "test", "items": {
+        "clamped": {"metric": "test_signed_mean", "offset": 1000.0, "floor": 0.0},
+        "raw": {"metric": "test_signed_mean", "offset": 1000.0},
+    }}
+    out = run_job(job_config(builder.config(), tmp_path / "res", metrics=metrics))
+    s = _scores(out)
+    assert (s.value < 0).all()  # per-edit rows unclamped
+    assert s.set_index("metric").loc["clamped", "mean_floor"].eq(0.0).all()
+    assert s.set_index("metric").loc["raw", "mean_floor"].isna().all()
+    scores, _ = load_run(out.job_dir.parent.parent)
+    summ = summarize(scores).set_index("metric")
+    assert summ.loc["clamped", "mean"] == 0.0 and "mean_clamped_at: 0" in summ.loc["clamped", "flags"]
+    assert summ.loc["raw", "mean"] < -700
+
+
+def test_a_metric_that_fails_to_load_is_unavailable_not_fatal(builder, tmp_path):
+    for i in range(3):
+        builder.add_simple(f"s{i}", seed=i)
+    metrics = {"protocol": "test", "regions": ["all"], "items": {"broken": {"metric": "test_load_fails"}, "l1": {}}}
+    out = run_job(job_config(builder.config(), tmp_path / "res", metrics=metrics))
+    s = _scores(out)
+    broken = s[s.metric.str.startswith("broken")]
+    # NaN rows under every name the metric writes, flagged, for every edit; l1 unaffected
+    assert sorted(broken.metric.unique()) == ["broken_a", "broken_b"] and len(broken) == 6
+    assert broken.value.isna().all() and (broken.flag == "unavailable").all()
+    assert s[s.metric == "l1"].value.notna().all()
+    man = json.loads((out.job_dir / "manifest.json").read_text())
+    assert "checkpoint is corrupt" in json.dumps(man)
+    assert run_job(job_config(builder.config(), tmp_path / "res", metrics=metrics)).scored == 3  # retried

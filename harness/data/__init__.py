@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from ..registry import DATASET_FORMATS
 from . import generic  # noqa: F401  (registers "generic")
+from . import pie_bench, magicbrush  # noqa: F401  (register "pie_bench", "magicbrush")
 from .generic import GenericDataset, SampleRef
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -23,14 +24,30 @@ def resolve_root(root: str | Path) -> Path:
 def open_dataset(cfg: Mapping[str, Any]):
     """Build a dataset loader from a ``conf/dataset/*.yaml`` mapping (keys: format, root, ...)."""
     cfg = dict(cfg)
+    if any(isinstance(v, str) and "${" in v for v in cfg.values()):
+        # A card read as plain YAML (``edit-harness validate``) still holds Hydra interpolations
+        # such as ``name: magicbrush_${.setting}``: resolve them as Hydra would.
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
     fmt = cfg.pop("format", "generic")
     loader = DATASET_FORMATS.get(fmt)
     if "root" not in cfg:
         raise ValueError(f"dataset config '{cfg.get('name', '?')}' has no 'root'")
     cfg["root"] = resolve_root(cfg["root"])
+    how_to_obtain = cfg.get("how_to_obtain")
     for key in ("license", "description", "source", "how_to_obtain"):
         cfg.pop(key, None)
-    return loader(**cfg)
+    try:
+        return loader(**cfg)
+    except FileNotFoundError as e:
+        # The harness never downloads: a missing dataset is answered with its card's instructions.
+        if not how_to_obtain:
+            raise
+        how = " ".join(str(how_to_obtain).split())
+        raise FileNotFoundError(
+            f"{e}\nhow to obtain dataset '{cfg.get('name') or fmt}' (set dataset.root=PATH to point at it): {how}"
+        ) from None
 
 
 __all__ = ["GenericDataset", "SampleRef", "open_dataset", "resolve_root", "DATASET_FORMATS"]

