@@ -12,6 +12,10 @@ Config shape::
       lpips_alex: {metric: lpips, net: alex}
       lpips_bg: {metric: lpips, net: squeeze, report_scale: 1000}   # reported x10^3
 
+``allow_random_weights: true`` at the top level is a smoke-run switch: it is passed to every
+item whose metric has that parameter (CLIP, DINO, Alpha-CLIP, FID/KID) and does not set it;
+those metrics then run with random weights and say so in their weights column.
+
 ``report_scale`` (any item; default 1) multiplies the metric's values as the paper's table
 prints them (PIE-Bench: structure distance and LPIPS x10^3, MSE x10^4, SSIM x10^2); it is
 written into the region rule shown in every table, and the per-edit rows carry the scaled value.
@@ -64,6 +68,7 @@ class MetricSuite:
         common["protocol"] = self.protocol
         if "regions" in common:
             common["regions"] = tuple(common["regions"])
+        smoke = bool(cfg.get("allow_random_weights", False))
         items = cfg.get("items") or {}
         if not items:
             raise ValueError(f"metrics protocol '{self.protocol}' lists no items")
@@ -81,6 +86,8 @@ class MetricSuite:
                 raise ValueError(f"metric '{name}' in protocol '{self.protocol}': report_scale must be a positive number, "
                                  f"got {item.get('report_scale', report_scale)!r}")
             kwargs = {**common, **item}
+            if smoke and "allow_random_weights" in (getattr(cls, "param_defaults", None) or {}):
+                kwargs.setdefault("allow_random_weights", True)
             try:
                 metric = cls(name=name, **kwargs)
             except TypeError as e:

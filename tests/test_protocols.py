@@ -196,3 +196,29 @@ def test_cli_lists_and_checks_every_protocol():
     from harness.cli import _group_options
 
     assert set(PAPER_PROTOCOLS) <= set(_group_options("metrics"))
+
+
+def test_paper_protocol_smoke_run_through_the_cli_labels_random_weights(tmp_path):
+    """`metrics=zone metrics.allow_random_weights=true`: CLIP runs with random weights, and the
+    report's tables say so; without the switch CLIP is unavailable (NaN, flagged), never faked."""
+    import pandas as pd
+
+    from harness.cli import main
+
+    base = ["run", "method=recolor", "metrics=zone", "dataset.limit=2", "progress=false",
+            f"results_dir={tmp_path}", "metrics.items.lpips.net=alex"]
+    assert main(base + ["run_name=strict"]) == 0
+    (job,) = (tmp_path / "strict" / "jobs").iterdir()
+    s = pd.read_parquet(job / "scores.parquet")
+    clip = s[s.metric.isin(["clip_i", "clip_t"])]
+    assert len(clip) and clip.value.isna().all() and (clip.flag == "unavailable").all()
+
+    assert main(base + ["run_name=smoke", "metrics.allow_random_weights=true"]) == 0
+    (job,) = (tmp_path / "smoke" / "jobs").iterdir()
+    s = pd.read_parquet(job / "scores.parquet")
+    clip = s[s.metric.isin(["clip_i", "clip_t"])]
+    n_ok = int((pd.read_parquet(job / "edits.parquet").status == "ok").sum())
+    assert n_ok >= 1 and len(clip) == 2 * n_ok and clip.value.notna().all()
+    assert clip.weights.str.contains("RANDOM WEIGHTS").all() and (s.protocol == "zone").all()
+    table = (tmp_path / "smoke" / "report" / "table.md").read_text()
+    assert "RANDOM WEIGHTS" in table and "zone" in table

@@ -103,18 +103,7 @@ class GenericDataset:
                 if not line.strip():
                     continue
                 refs.append(self._parse_line(line, lineno, seen))
-        if self.ids is not None:
-            wanted = set(self.ids)
-            missing = wanted - {r.id for r in refs}
-            if missing:
-                raise KeyError(f"dataset '{self.name}' has no sample(s) {sorted(missing)}")
-            refs = [r for r in refs if r.id in wanted]
-        if self.shard is not None:
-            i, n = self.shard
-            refs = refs[i::n]
-        if self.limit is not None:
-            refs = refs[: self.limit]
-        return refs
+        return select_refs(refs, self.name, self.ids, self.shard, self.limit)
 
     def _parse_line(self, line: str, lineno: int, seen: set[str]) -> SampleRef:
         where = f"line{lineno}"
@@ -237,6 +226,25 @@ def _points(rec: dict[str, Any], sid: str, key: str) -> np.ndarray | None:
     if not np.all(np.isfinite(arr)):
         raise SampleError(sid, key, "contains NaN or inf")
     return arr
+
+
+def select_refs(units: list, name: str, ids: list[str] | None, shard: tuple[int, int] | None,
+                limit: int | None) -> list:
+    """The subset every loader offers: ``ids`` (each must exist), then every n-th from i
+    (``shard``), then the first ``limit``. ``units`` are refs, or (with ``ids=None``) groups of
+    refs that must stay together, such as a multi-turn session."""
+    if ids is not None:
+        wanted = set(ids)
+        missing = wanted - {r.id for r in units}
+        if missing:
+            raise KeyError(f"dataset '{name}' has no sample(s) {sorted(missing)}")
+        units = [r for r in units if r.id in wanted]
+    if shard is not None:
+        i, n = shard
+        units = units[i::n]
+    if limit is not None:
+        units = units[:limit]
+    return units
 
 
 def _parse_shard(shard: str | None, name: str) -> tuple[int, int] | None:

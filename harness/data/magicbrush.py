@@ -66,7 +66,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard
+from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard, select_refs
 
 log = logging.getLogger("edit_harness")
 
@@ -263,11 +263,7 @@ class MagicBrushDataset:
             units: list[list[SampleRef]] = [refs for _, refs in sessions]
         else:
             units = [[r] for _, refs in sessions for r in refs]
-        if self.shard is not None:
-            i, n = self.shard
-            units = units[i::n]
-        if self.limit is not None:
-            units = units[: self.limit]
+        units = select_refs(units, self.name, None, self.shard, self.limit)
         return [r for unit in units for r in unit]
 
     def __iter__(self) -> Iterator[SampleRef]:

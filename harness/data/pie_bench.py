@@ -48,7 +48,7 @@ import numpy as np
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard
+from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard, select_refs
 
 #: The benchmark's mask resolution: every RLE is over a flattened 512x512 image.
 PIE_SHAPE = (512, 512)
@@ -214,18 +214,7 @@ class PieBenchDataset:
         refs = [self._parse(str(key), item) for key, item in self._read_mapping().items()]
         if self.editing_types is not None:
             refs = [r for r in refs if r.record.get("editing_type_id") in self.editing_types]
-        if self.ids is not None:
-            wanted = set(self.ids)
-            missing = wanted - {r.id for r in refs}
-            if missing:
-                raise KeyError(f"dataset '{self.name}' has no sample(s) {sorted(missing)}")
-            refs = [r for r in refs if r.id in wanted]
-        if self.shard is not None:
-            i, n = self.shard
-            refs = refs[i::n]
-        if self.limit is not None:
-            refs = refs[: self.limit]
-        return refs
+        return select_refs(refs, self.name, self.ids, self.shard, self.limit)
 
     def _parse(self, key: str, item: Any) -> SampleRef:
         if not isinstance(item, dict):

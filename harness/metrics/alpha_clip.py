@@ -720,13 +720,7 @@ class _RegionClipMetric(Metric):
         p = self.params
         self.model_name = str(p["model"])
         self.pretrained = None if p["pretrained"] in (None, "", "none", "None") else str(p["pretrained"])
-        self.weights_path = p["weights_path"]
-        self.allow_random = bool(p["allow_random_weights"])
-        self.device_param = str(p["device"])
-        self.batch_size = int(p["batch_size"])
-        if self.batch_size < 1:
-            raise ValueError(f"metric '{self.name}': batch_size must be >= 1, got {self.batch_size}")
-        self.scale = float(p["scale"])
+        self.read_model_params()
         tf = p["text_field"]
         self.text_fields = (tf,) if isinstance(tf, str) else tuple(str(f) for f in tf)
         bad = [f for f in self.text_fields if f not in TEXT_FIELDS]

@@ -108,6 +108,18 @@ class Metric(abc.ABC):
         """One NaN row per region, all carrying ``flag``."""
         return [ScoreValue(metric or self.name, r, float("nan"), flag) for r in self.regions()]
 
+    def read_model_params(self) -> None:
+        """The parameters every network-backed metric shares (CLIP, DINO, Alpha-CLIP):
+        ``weights_path``, ``allow_random_weights``, ``device``, ``batch_size`` (>= 1), ``scale``."""
+        p = self.params
+        self.weights_path = p["weights_path"]
+        self.allow_random = bool(p["allow_random_weights"])
+        self.device_param = str(p["device"])
+        self.batch_size = int(p["batch_size"])
+        if self.batch_size < 1:
+            raise ValueError(f"metric '{self.name}': batch_size must be >= 1, got {self.batch_size}")
+        self.scale = float(p["scale"])
+
     # -- scoring --------------------------------------------------------------------------
     @abc.abstractmethod
     def score_batch(self, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:

@@ -121,13 +121,7 @@ class _ClipMetric(Metric):
         p = self.params
         self.model_name = str(p["model"])
         self.pretrained = None if p["pretrained"] in (None, "", "none", "None") else str(p["pretrained"])
-        self.weights_path = p["weights_path"]
-        self.allow_random = bool(p["allow_random_weights"])
-        self.device_param = str(p["device"])
-        self.batch_size = int(p["batch_size"])
-        if self.batch_size < 1:
-            raise ValueError(f"metric '{self.name}': batch_size must be >= 1, got {self.batch_size}")
-        self.scale = float(p["scale"])
+        self.read_model_params()
         self.clamp = str(p["clamp"])
         if self.clamp not in CLAMPS:
             raise ValueError(f"metric '{self.name}': clamp must be one of {', '.join(CLAMPS)}, got {self.clamp!r}")

@@ -568,13 +568,7 @@ class _DinoMetric(Metric):
         super().__init__(protocol=protocol, name=name, **params)
         p = self.params
         self.arch = arch_of(p["model"])
-        self.weights_path = p["weights_path"]
-        self.allow_random = bool(p["allow_random_weights"])
-        self.device_param = str(p["device"])
-        self.batch_size = int(p["batch_size"])
-        if self.batch_size < 1:
-            raise ValueError(f"metric '{self.name}': batch_size must be >= 1, got {self.batch_size}")
-        self.scale = float(p["scale"])
+        self.read_model_params()
         self.reference = str(reference or "source")
         if self.reference not in REFERENCES:
             raise ValueError(f"metric '{self.name}': reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")

@@ -43,8 +43,10 @@ class SSIM(ImageMetric):
         from torchmetrics.functional.image import structural_similarity_index_measure
 
         # float32 like the papers' scripts (uint8 / 255 tensors); float64 convs are ~10x slower.
-        p = torch.from_numpy(np.ascontiguousarray(edit.transpose(2, 0, 1), dtype=np.float32))[None]
-        t = torch.from_numpy(np.ascontiguousarray(ref.transpose(2, 0, 1), dtype=np.float32))[None]
+        # HWC arrays viewed as NCHW (channels-last strides, no copy): the CPU convolution is then
+        # about twice as fast as on a contiguous NCHW copy, with the same values.
+        p = torch.from_numpy(np.asarray(edit, dtype=np.float32)).permute(2, 0, 1)[None]
+        t = torch.from_numpy(np.asarray(ref, dtype=np.float32)).permute(2, 0, 1)[None]
         res = structural_similarity_index_measure(
             p, t, gaussian_kernel=True, sigma=self.sigma, kernel_size=self.kernel_size,
             data_range=self.data_range, return_full_image=full,
@@ -63,8 +65,11 @@ class SSIM(ImageMetric):
             return {r: (float("nan"), "too_small") for r in pair.masks}
         out: dict[str, tuple[float, str | None]] = {}
         whole = None
-        if "all" in pair.masks or (self.rule == "area" and any(m is not None for m in pair.masks.values())):
+        need_map = self.rule == "area" and any(m is not None for m in pair.masks.values())
+        if need_map:
             whole = self.ssim(pair.edit, pair.ref, full=True)  # (torchmetrics' scalar, HxWxC map)
+        elif "all" in pair.masks:
+            whole = (self.ssim(pair.edit, pair.ref), None)  # the scalar alone: no map to build
         for region, mask in pair.masks.items():
             if mask is None:
                 out[region] = (whole[0], None)
