@@ -215,23 +215,40 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     return 1 if problems else 0
 
 
+def _experiment_metrics(name: str) -> dict:
+    """The metrics config an experiment resolves to (composed by Hydra, interpolations resolved)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"])
+    return OmegaConf.to_container(cfg.metrics, resolve=True)
+
+
 def _cmd_weights(argv: Sequence[str]) -> int:
+    protocols, experiments = _group_options("metrics"), _group_options("experiment")
     ap = argparse.ArgumentParser(
         prog="edit-harness weights",
-        description="Which weights each metric of a protocol needs, which are present here, and how to provide the missing ones.",
+        description="Which weights each metric of a protocol (or of the protocol an experiment uses) needs, "
+                    "which are present here, and how to provide the missing ones.",
     )
-    ap.add_argument("protocols", nargs="*", help=f"protocols (default: all of {', '.join(_group_options('metrics'))})")
+    ap.add_argument("names", nargs="*", metavar="PROTOCOL|EXPERIMENT",
+                    help=f"protocols ({', '.join(protocols)}) or experiments ({', '.join(experiments)}); default: every protocol")
     a = ap.parse_args(argv)
     from .scoring import MetricSuite
 
-    names = a.protocols or _group_options("metrics")
     missing = 0
-    for name in names:
-        path = CONF_DIR / "metrics" / f"{name}.yaml"
-        if not path.is_file():
-            raise UsageError(f"unknown protocol '{name}'; available: {', '.join(_group_options('metrics'))}")
-        suite = MetricSuite(_load_yaml(path))
-        print(f"protocol {name}:")
+    for name in a.names or protocols:
+        if name in protocols:
+            cfg, title = _load_yaml(CONF_DIR / "metrics" / f"{name}.yaml"), f"protocol {name}"
+        elif name in experiments:
+            cfg = _experiment_metrics(name)
+            title = f"experiment {name} (protocol {cfg.get('protocol', '?')})"
+        else:
+            raise UsageError(f"unknown protocol or experiment '{name}'; protocols: {', '.join(protocols)}; "
+                             f"experiments: {', '.join(experiments)}")
+        suite = MetricSuite(cfg)
+        print(f"{title}:")
         for e in suite.entries:
             if e.unavailable:
                 missing += 1

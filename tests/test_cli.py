@@ -162,4 +162,12 @@ def test_weights_command_lists_present_and_missing(monkeypatch, capsys):
     assert "MISSING  landmark_mse" in out and "/nonexistent/predictor.dat" in out
     assert "present  l1: none" in out
     assert main(["weights", "nope"]) == 2
-    assert "available: " in capsys.readouterr().err
+    assert "protocols: " in capsys.readouterr().err
+    # an experiment: the protocol it composes to (with its overrides), listed the same way
+    assert main(["weights", "recolor_strength"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment recolor_strength (protocol default):" in out and "MISSING  landmark_mse" in out
+    # a paper protocol: its model metrics say how to get their weights
+    assert main(["weights", "pie_bench"]) == 0
+    out = capsys.readouterr().out
+    assert "structure_distance" in out and "lpips" in out and "squeezenet1_1" in out
