@@ -103,3 +103,19 @@ def job_config(dataset_cfg: dict, results: Path, method: dict | None = None, met
     }
     cfg.update(kw)
     return cfg
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch intra-op thread for a test module of tiny models, restored afterwards.
+
+    Tiny convolutions and attention are dominated by thread start-up cost: on a busy 2-core
+    machine several intra-op threads make a 2-step tiny-UNet run up to ~50x slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("torch_one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

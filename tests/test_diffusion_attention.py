@@ -55,14 +55,7 @@ def make_unet() -> UNet2DConditionModel:
     return unet.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run ~100x faster single-threaded on a busy CPU (thread
-    oversubscription); restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,14 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of the cat sitting on a red chair"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny convolutions are dominated by thread start-up cost; on a busy 2-core machine several
-    # intra-op threads make a 2-step run ~50x slower. Restored after the module.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(autouse=True)

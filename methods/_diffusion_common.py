@@ -1,0 +1,235 @@
+"""Shared plumbing for adapters that wrap a diffusers pipeline (InstructPix2Pix, MagicBrush, SDEdit).
+
+A subclass of :class:`DiffusionMethod` names its pipeline class (imported lazily: importing
+``methods`` must not import torch), the tiny backbone that fits it, the sample field that holds
+its prompt, and how to call the pipeline. The base class does the rest:
+
+- ``Params``: the common fields (model, revision, variant, dtype, device, cpu_offload,
+  attention_slicing, allow_downloads, backbone, num_inference_steps, guidance_scale, resolution);
+  a subclass extends it with ``@dataclasses.dataclass(frozen=True) class Params(DiffusionMethod.Params)``
+  and may redefine a field to change its default.
+- ``model_revision()``: :func:`methods.diffusion.loading.resolve_revision` (no loading, no torch);
+  after ``prepare()`` the revision of the loaded weights.
+- ``prepare()``: :func:`methods.diffusion.loading.load_pipeline` (cached per process, shared by
+  every sample and every parameter point that loads the same weights). A ``MissingWeights`` error
+  propagates; the runner records every sample skipped with its message.
+- ``label()``: the method name, with ``[RANDOM WEIGHTS]`` appended for ``backbone=tiny`` so that
+  every table row made with random weights says so.
+- ``edit()``: source -> RGB PIL image resized (bicubic) to the working resolution -> pipeline with
+  ``torch.Generator(device).manual_seed(seed)`` -> result resized (bicubic) back to the source size.
+  ``info`` carries the loaded pipeline's summary (``weights``, ``revision``, ``model``, device,
+  dtype ...), ``steps``, the working size and the prompt.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import time
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from harness.method import Method
+from harness.types import MethodOutput, Sample
+
+from .diffusion.loading import BACKBONES, DEVICES, DTYPES, LoadedPipeline, ModelSpec, load_pipeline, resolve_revision
+from .diffusion.tiny import RANDOM_WEIGHTS_LABEL
+
+# Stable Diffusion 1.x's VAE downsamples by 8: the working size must be a multiple of it.
+SIZE_MULTIPLE = 8
+RANDOM_WEIGHTS_TAG = "[RANDOM WEIGHTS]"
+
+
+def _check_number(owner: str, name: str, value: Any, minimum: float, *, integer: bool = False,
+                  inclusive: bool = True) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise ValueError(f"{owner}: '{name}' must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if value < minimum or (not inclusive and value == minimum):
+        raise ValueError(f"{owner}: '{name}' must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
+
+
+def working_size(height: int, width: int, resolution: int | None) -> tuple[int, int]:
+    """(height, width) the pipeline runs at: ``resolution`` x ``resolution``, or, for None, the
+    source size rounded down to a multiple of 8 (at least 8)."""
+    if resolution is not None:
+        return int(resolution), int(resolution)
+    return (max(SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE),
+            max(SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE))
+
+
+def to_pil(image: np.ndarray, size_hw: tuple[int, int]) -> Any:
+    """RGB uint8 HxWx3 -> PIL image of ``size_hw`` (bicubic; not resized when it already fits)."""
+    from PIL import Image
+
+    pil = Image.fromarray(np.ascontiguousarray(image), mode="RGB")
+    h, w = size_hw
+    if pil.size != (w, h):
+        pil = pil.resize((w, h), Image.BICUBIC)
+    return pil
+
+
+def from_pipeline_output(image: Any, size_hw: tuple[int, int]) -> np.ndarray:
+    """A pipeline's ``output_type='np'`` image (float HxWx3 in [0, 1]) -> RGB uint8 of ``size_hw``
+    (bicubic resize when the sizes differ)."""
+    from PIL import Image
+
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 4:
+        arr = arr[0]
+    u8 = np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
+    h, w = size_hw
+    if u8.shape[:2] != (h, w):
+        u8 = np.asarray(Image.fromarray(u8, mode="RGB").resize((w, h), Image.BICUBIC))
+    return np.ascontiguousarray(u8)
+
+
+class DiffusionMethod(Method):
+    """Base of the adapters that run one diffusers pipeline per edit.
+
+    Subclasses set :attr:`tiny_kind`, :attr:`prompt_field`, implement :meth:`pipeline_class` and
+    :meth:`call_pipeline`, and extend :class:`Params`.
+    """
+
+    # Which tiny random-weight backbone (methods.diffusion.tiny) fits the pipeline class.
+    tiny_kind: ClassVar[str] = "sd15"
+    # The sample field holding the text the pipeline is conditioned on.
+    prompt_field: ClassVar[str] = "target_caption"
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        model: str = ""  # Hugging Face id or local folder (a save_pretrained / snapshot folder)
+        revision: str | None = None  # hub branch / tag / commit; None = main
+        variant: str | None = None  # weight-file variant, e.g. fp16
+        dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # fp16 on CPU is refused by the loader
+        device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+        cpu_offload: bool = False  # enable_model_cpu_offload() (CUDA only)
+        attention_slicing: bool = False  # enable_attention_slicing()
+        allow_downloads: bool = False  # also EDIT_HARNESS_ALLOW_DOWNLOADS=1
+        backbone: Literal["real", "tiny"] = "real"  # tiny = random weights, smoke runs only
+        num_inference_steps: int = 50
+        guidance_scale: float = 7.5
+        # Side of the square the method runs at (source resized to it, edit resized back, bicubic);
+        # None = the source size rounded down to a multiple of 8.
+        resolution: int | None = 512
+
+        def __post_init__(self) -> None:
+            owner = "diffusion method"
+            if self.dtype not in DTYPES:
+                raise ValueError(f"{owner}: 'dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
+            if self.device not in DEVICES:
+                raise ValueError(f"{owner}: 'device' must be one of {list(DEVICES)}, got {self.device!r}")
+            if self.backbone not in BACKBONES:
+                raise ValueError(f"{owner}: 'backbone' must be one of {list(BACKBONES)}, got {self.backbone!r}")
+            if not isinstance(self.model, str) or (self.backbone == "real" and not self.model.strip()):
+                raise ValueError(f"{owner}: 'model' must be a Hugging Face id or a local folder, got {self.model!r}")
+            _check_number(owner, "num_inference_steps", self.num_inference_steps, 1, integer=True)
+            _check_number(owner, "guidance_scale", self.guidance_scale, 0.0)
+            if self.resolution is not None:
+                _check_number(owner, "resolution", self.resolution, SIZE_MULTIPLE, integer=True)
+                if self.resolution % SIZE_MULTIPLE:
+                    raise ValueError(
+                        f"{owner}: 'resolution' must be a multiple of {SIZE_MULTIPLE} (the VAE's downsampling), "
+                        f"got {self.resolution!r}"
+                    )
+
+    def __init__(self, params: "DiffusionMethod.Params | None" = None):
+        super().__init__(params)
+        self._loaded: LoadedPipeline | None = None
+        self._revision: str | None = None
+
+    # -- hooks for subclasses ---------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def pipeline_class(cls) -> type:
+        """The diffusers pipeline class (imported here, lazily)."""
+
+    @abc.abstractmethod
+    def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
+        """Run ``pipe`` on the resized PIL ``image``; return its ``output_type='np'`` output."""
+
+    def extra_info(self) -> dict[str, Any]:
+        """Method-specific entries for an edit's info (e.g. strength, image guidance scale)."""
+        return {}
+
+    # -- Method hooks ---------------------------------------------------------------------
+    def spec(self) -> ModelSpec:
+        """The :class:`ModelSpec` these parameters describe."""
+        p = self.params
+        return ModelSpec(
+            model=p.model,
+            revision=p.revision,
+            variant=p.variant,
+            dtype=p.dtype,
+            device=p.device,
+            cpu_offload=p.cpu_offload,
+            attention_slicing=p.attention_slicing,
+            allow_downloads=p.allow_downloads,
+            backbone=p.backbone,
+            tiny_kind=self.tiny_kind,
+        )
+
+    def label(self) -> str:
+        """The name in tables; random-weight (tiny backbone) runs say so in every row."""
+        return f"{self.name} {RANDOM_WEIGHTS_TAG}" if self.params.backbone == "tiny" else self.name
+
+    def model_revision(self) -> str | None:
+        """The loaded weights' revision after ``prepare()``; before, resolved without loading
+        (``tiny-random-<kind>``, ``local-<hash>``, the cached hub commit or ``uncached:<id>@<rev>``)."""
+        if self._loaded is not None:
+            return self._loaded.revision
+        if self._revision is None:  # asked once per sample by the runner: resolve once
+            # tiny_kind is set in the spec, so no pipeline class (no torch import) is needed.
+            self._revision = resolve_revision(self.spec(), None)
+        return self._revision
+
+    def weights_label(self) -> str:
+        """Where the weights come from, for tables (the random-weights label for tiny)."""
+        if self._loaded is not None:
+            return self._loaded.weights_label
+        return RANDOM_WEIGHTS_LABEL if self.params.backbone == "tiny" else str(self.params.model)
+
+    def prepare(self) -> None:
+        """Load the pipeline (once per process; ``MissingWeights`` propagates to the runner)."""
+        self._loaded = load_pipeline(self.pipeline_class(), self.spec())
+
+    def check(self, sample: Sample) -> str | None:
+        text = getattr(sample, self.prompt_field)
+        if text is not None and not str(text).strip():
+            return f"method '{self.name}' needs a non-empty {self.prompt_field}; sample '{sample.id}' has an empty one"
+        return None
+
+    def edit(self, sample: Sample, seed: int) -> MethodOutput:
+        import torch
+
+        if self._loaded is None:
+            self.prepare()
+        loaded = self._loaded
+        assert loaded is not None
+        p = self.params
+        t0 = time.perf_counter()
+        src = np.asarray(sample.source)
+        h, w = src.shape[:2]
+        size = working_size(h, w, p.resolution)
+        image = to_pil(src, size)
+        prompt = str(getattr(sample, self.prompt_field))
+        # MPS generators are not supported by every op; diffusers' docs seed on the CPU there.
+        gen_device = "cpu" if loaded.device == "mps" else loaded.device
+        generator = torch.Generator(gen_device).manual_seed(int(seed))
+        prep = time.perf_counter() - t0
+        with torch.inference_mode():
+            out = self.call_pipeline(loaded.pipeline, image, prompt, generator)
+        edited = from_pipeline_output(out.images, (h, w))
+        info: dict[str, Any] = {
+            **loaded.info(),
+            "steps": int(p.num_inference_steps),
+            "guidance_scale": float(p.guidance_scale),
+            **self.extra_info(),
+            "working_size_hw": [int(size[0]), int(size[1])],
+            "prompt_field": self.prompt_field,
+            "prompt": prompt,
+            "seed": int(seed),
+            # preparation of this edit (image conversion and resizing); model loading is prepare()
+            "prep_seconds": prep,
+        }
+        return MethodOutput(image=edited, info=info)
