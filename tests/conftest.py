@@ -119,3 +119,31 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny open_clip models (CLIP and Alpha-CLIP metric tests)
+# --------------------------------------------------------------------------------------------
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def register_open_clip_config(folder, name: str, cfg: dict) -> None:
+    """Make a tiny architecture known to open_clip by name (``create_model(name)``)."""
+    import json
+
+    import open_clip
+
+    (folder / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(folder)
+    assert name in open_clip.list_models()
+
+
+@pytest.fixture
+def fresh_clip_features():
+    """An empty in-process CLIP embedding cache before and after the test."""
+    from harness.metrics import _clip_models
+
+    _clip_models.FEATURES.clear()
+    yield
+    _clip_models.FEATURES.clear()

@@ -19,7 +19,7 @@ from harness.metrics import _clip_models as cm  # noqa: E402
 from harness.metrics import alpha_clip as ac  # noqa: E402
 from harness.types import Sample  # noqa: E402
 
-from .conftest import REPO, disc_mask, textured  # noqa: E402
+from .conftest import OPENAI_MEAN, OPENAI_STD, REPO, disc_mask, register_open_clip_config, textured  # noqa: E402
 
 TINY = "edit-harness-tiny-alpha-clip"
 TINY_CFG = {
@@ -29,26 +29,16 @@ TINY_CFG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 PATCH = 16
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tiny_config(tmp_path_factory):
-    import open_clip
-
-    d = tmp_path_factory.mktemp("alphaclipcfg")
-    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(d)
-    assert TINY in open_clip.list_models()
-    yield
+    register_open_clip_config(tmp_path_factory.mktemp("alphaclipcfg"), TINY, TINY_CFG)
 
 
 @pytest.fixture(autouse=True)
-def fresh_features():
-    cm.FEATURES.clear()
+def fresh_features(fresh_clip_features):
     yield
-    cm.FEATURES.clear()
 
 
 TINY_PARAMS = dict(model=TINY, pretrained=None, allow_random_weights=True, device="cpu", batch_size=3)
