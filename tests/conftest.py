@@ -147,3 +147,23 @@ def fresh_clip_features():
     _clip_models.FEATURES.clear()
     yield
     _clip_models.FEATURES.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusion method tests
+# --------------------------------------------------------------------------------------------
+# A model-free protocol for method tests: L1 against the source on every region.
+PIXEL_L1 = {"protocol": "pixel", "reference": "source", "region_rule": "area",
+            "regions": ["all", "edited", "unedited"], "items": {"l1": {}}}
+
+
+@pytest.fixture
+def empty_hub(tmp_path, monkeypatch):
+    """An empty Hugging Face cache, offline, downloads not allowed: real model ids are missing."""
+    hub = tmp_path / "hf"
+    (hub / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(hub))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("EDIT_HARNESS_ALLOW_DOWNLOADS", raising=False)
+    return hub

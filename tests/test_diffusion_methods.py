@@ -22,7 +22,7 @@ from harness.runner import run_job
 from methods._diffusion_common import RANDOM_WEIGHTS_TAG, working_size
 from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
-from .conftest import job_config
+from .conftest import PIXEL_L1, job_config
 
 # method -> (tiny backbone kind, the sample field holding its prompt)
 METHODS_UNDER_TEST = {
@@ -31,23 +31,10 @@ METHODS_UNDER_TEST = {
     "sdedit": ("sd15", "target_caption"),
 }
 FAST = {"backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
-PIXEL = {"protocol": "pixel", "reference": "source", "region_rule": "area",
-         "regions": ["all", "edited", "unedited"], "items": {"l1": {}}}
+PIXEL = PIXEL_L1
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-@pytest.fixture
-def empty_hub(tmp_path, monkeypatch):
-    """An empty Hugging Face cache, offline, downloads not allowed."""
-    hub = tmp_path / "hf"
-    (hub / "hub").mkdir(parents=True)
-    monkeypatch.setenv("HF_HOME", str(hub))
-    monkeypatch.setenv("HF_HUB_CACHE", str(hub / "hub"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("EDIT_HARNESS_ALLOW_DOWNLOADS", raising=False)
-    return hub
 
 
 def _edits(outcome) -> pd.DataFrame:

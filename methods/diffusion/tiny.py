@@ -27,7 +27,7 @@ import threading
 from typing import Any
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (tiny backbone, smoke run)"
-TINY_KINDS = ("sd15", "ip2p", "sdxl")
+TINY_KINDS = ("sd15", "ip2p", "sdxl", "inpaint")
 TINY_SEED = 0
 MODEL_MAX_LENGTH = 77  # the CLIP text context length, as in the real models
 
@@ -224,8 +224,9 @@ def _build(kind: str) -> dict[str, Any]:
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        if kind in ("sd15", "ip2p"):
-            unet = _sd_unet(in_channels=8 if kind == "ip2p" else 4)
+        if kind in ("sd15", "ip2p", "inpaint"):
+            # sd15: noisy latent; ip2p: + image latent; inpaint: + mask (1) + masked-image latent (4)
+            unet = _sd_unet(in_channels={"sd15": 4, "ip2p": 8, "inpaint": 9}[kind])
             vae = _vae(scaling_factor=0.18215)
             text_encoder = CLIPTextModel(_text_config(tokenizer))
             parts: dict[str, Any] = dict(
@@ -249,7 +250,7 @@ def _build(kind: str) -> dict[str, Any]:
 
 
 def tiny_components(kind: str) -> dict[str, Any]:
-    """Fresh copies of the tiny components of ``kind`` (``sd15`` | ``ip2p`` | ``sdxl``).
+    """Fresh copies of the tiny components of ``kind`` (``sd15`` | ``ip2p`` | ``sdxl`` | ``inpaint``).
 
     The components are built once per process and cached; each call returns deep copies, so a
     pipeline that moves its modules to another device / dtype or sets scheduler timesteps never
@@ -275,6 +276,12 @@ def tiny_ip2p() -> dict[str, Any]:
     return tiny_components("ip2p")
 
 
+def tiny_inpaint() -> dict[str, Any]:
+    """Stable Diffusion inpainting-like components: as :func:`tiny_sd15` with a 9-input-channel
+    UNet (noisy latent + mask + masked-image latent), as in ``stable-diffusion-inpainting``."""
+    return tiny_components("inpaint")
+
+
 def tiny_sdxl() -> dict[str, Any]:
     """SDXL-like components: unet (``text_time`` conditioning), vae, text_encoder,
     text_encoder_2 (with projection), tokenizer, tokenizer_2, scheduler (Euler, SDXL values)."""
@@ -283,12 +290,14 @@ def tiny_sdxl() -> dict[str, Any]:
 
 def tiny_kind_for(pipeline_cls: type) -> str:
     """The tiny backbone that fits a pipeline class: ``sdxl`` for SDXL pipelines, ``ip2p`` for
-    InstructPix2Pix ones, else ``sd15``."""
+    InstructPix2Pix ones, ``inpaint`` for the other inpainting ones, else ``sd15``."""
     name = pipeline_cls.__name__
     if "InstructPix2Pix" in name:
         return "ip2p"
     if "XL" in name:
         return "sdxl"
+    if "Inpaint" in name:
+        return "inpaint"
     return "sd15"
 
 

@@ -1,0 +1,178 @@
+"""``diffusers_pipeline``: a diffusers pipeline wrapped from its config alone, through the harness.
+
+Runs on ``backbone=tiny`` (random-weight tiny pipelines of the real diffusers classes), no network.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import methods.diffusers_pipeline  # noqa: F401  (registers the method)
+import methods.sdedit  # noqa: F401
+from harness.cache import EditStore
+from harness.method import ParamError
+from harness.registry import METHODS
+from harness.runner import run_job
+from harness.types import Sample
+from methods._diffusion_common import RANDOM_WEIGHTS_TAG
+from methods.diffusers_pipeline import DiffusersPipeline
+
+from .conftest import PIXEL_L1, job_config
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+FAST = {"backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
+IMG2IMG = {
+    "name": "diffusers_pipeline",
+    "pipeline": "diffusers.StableDiffusionImg2ImgPipeline",
+    "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "inputs": {"image": "source", "prompt": "target_caption"},
+    "call_args": {"strength": 0.8},
+    "guidance_scale": 7.5,
+    **FAST,
+}
+IP2P = {
+    "name": "diffusers_pipeline",
+    "pipeline": "diffusers.StableDiffusionInstructPix2PixPipeline",
+    "model": "timbrooks/instruct-pix2pix",
+    "inputs": {"image": "source", "prompt": "instruction"},
+    "call_args": {"image_guidance_scale": 1.5},
+    **FAST,
+}
+PIXEL = PIXEL_L1
+
+
+def _edits(outcome) -> pd.DataFrame:
+    return pd.read_parquet(outcome.job_dir / "edits.parquet")
+
+
+def _pngs(results, outcome) -> dict[str, bytes]:
+    store = EditStore(results / "test" / "edits")
+    e = _edits(outcome)
+    return {sid: (store.folder(k) / "edit.png").read_bytes() for sid, k in zip(e.sample_id, e.edit_key)}
+
+
+def _two_samples(builder) -> None:
+    builder.add_simple("a", h=48, w=64, seed=1, instruction="make it blue")
+    builder.add_simple("b", h=40, w=36, seed=2, instruction="turn it green")
+
+
+def _method(cfg: dict) -> DiffusersPipeline:
+    return METHODS.get("diffusers_pipeline").from_config({k: v for k, v in cfg.items() if k != "name"})
+
+
+# -- through the harness ------------------------------------------------------------------------
+def test_img2img_from_config_matches_sdedit_byte_for_byte(builder, tmp_path):
+    _two_samples(builder)
+    res = tmp_path / "res"
+    generic = run_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL))
+    assert generic.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(generic).reason.tolist()
+    assert generic.computed == 2 and generic.scored == 2
+    edits = _edits(generic).set_index("sample_id")
+    assert (edits.model_revision == "tiny-random-sd15").all()
+    assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
+    store = EditStore(res / "test" / "edits")
+    for sid, (h, w) in {"a": (48, 64), "b": (40, 36)}.items():
+        folder = store.folder(edits.loc[sid, "edit_key"])
+        with Image.open(folder / "edit.png") as im:
+            assert im.size == (w, h) and im.mode == "RGB"
+        info = json.loads((folder / "edit.json").read_text())["info"]
+        assert info["pipeline"] == "diffusers.StableDiffusionImg2ImgPipeline"
+        assert info["pipeline_class"].endswith("StableDiffusionImg2ImgPipeline")
+        assert info["call_args"] == {"strength": 0.8}
+        assert info["inputs"] == {"image": "source", "prompt": "target_caption"}
+        assert info["steps"] == 2 and info["working_size_hw"] == [32, 32] and info["random_weights"] is True
+        assert info["texts"] == {"prompt": "a blue thing"}
+    scores = pd.read_parquet(generic.job_dir / "scores.parquet")
+    assert set(scores.metric) == {"l1"} and (scores.query("region == 'all'").value > 0).all()
+
+    again = run_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL))
+    assert again.computed == 0 and again.cached == 2 and again.scored == 0
+
+    sdedit = {"name": "sdedit", "strength": 0.8, "guidance_scale": 7.5, **FAST}
+    ref = run_job(job_config(builder.config(), tmp_path / "ref", method=sdedit, metrics=PIXEL))
+    assert ref.counts["ok"] == 2
+    assert _pngs(res, generic) == _pngs(tmp_path / "ref", ref)  # a config reproduces the adapter
+
+
+def test_instruct_pix2pix_from_config_runs(builder, tmp_path):
+    _two_samples(builder)
+    out = run_job(job_config(builder.config(), tmp_path / "res", method=IP2P, metrics=PIXEL))
+    assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(out).reason.tolist()
+    assert (_edits(out).model_revision == "tiny-random-ip2p").all()
+    ref = run_job(job_config(builder.config(), tmp_path / "ref", metrics=PIXEL,
+                             method={"name": "instruct_pix2pix", **FAST}))
+    assert _pngs(tmp_path / "res", out) == _pngs(tmp_path / "ref", ref)
+
+
+def test_sample_lacking_a_mapped_field_is_skipped_naming_it(builder, tmp_path):
+    builder.add_simple("ok")
+    builder.add_simple("nocap", source_caption=None)
+    builder.add_simple("blank", source_caption="  ")
+    cfg = {**IMG2IMG, "inputs": {"image": "source", "prompt": "target_caption", "negative_prompt": "source_caption"}}
+    out = run_job(job_config(builder.config(), tmp_path / "res", method=cfg, metrics=PIXEL))
+    assert out.counts == {"ok": 1, "skipped": 2, "failed": 0}
+    edits = _edits(out).set_index("sample_id")
+    for sid in ("nocap", "blank"):
+        reason = edits.loc[sid, "reason"]
+        assert edits.loc[sid, "status"] == "skipped" and "source_caption" in reason and sid in reason
+    assert _method(cfg).requires == ("source", "target_caption", "source_caption")
+
+
+def test_missing_weights_skip_naming_the_model(builder, tmp_path, empty_hub):
+    _two_samples(builder)
+    cfg = {**IMG2IMG, "backbone": "real", "model": "someone/not-cached-model"}
+    out = run_job(job_config(builder.config(), tmp_path / "res", method=cfg, metrics=PIXEL))
+    assert out.counts == {"ok": 0, "skipped": 2, "failed": 0}
+    for reason in _edits(out).reason:
+        assert "someone/not-cached-model" in reason and "could not be prepared" in reason
+    assert (_edits(out).model_revision == "uncached:someone/not-cached-model@main").all()
+
+
+# -- configuration errors ------------------------------------------------------------------------
+@pytest.mark.parametrize("change, match", [
+    ({"pipeline": "diffusers.AutoencoderKL"}, r"'pipeline'.*not a subclass of diffusers\.DiffusionPipeline"),
+    ({"pipeline": "collections.OrderedDict"}, r"'pipeline'.*not a subclass"),
+    ({"pipeline": "diffusers.NoSuchPipeline"}, r"'pipeline'.*has no attribute 'NoSuchPipeline'"),
+    ({"pipeline": "no_such_package.Pipe"}, r"'pipeline'.*cannot import module 'no_such_package'"),
+    ({"pipeline": "StableDiffusionImg2ImgPipeline"}, r"'pipeline' must be an import path"),
+    ({"pipeline": ""}, r"'pipeline'.*required"),
+    ({"inputs": {"image": "source", "prompt": "caption"}}, r"'inputs'.*unknown sample field 'caption'"),
+    ({"inputs": ["source", "target_caption"]}, r"'inputs' must be a mapping"),
+    ({"inputs": None}, r"'inputs'.*required"),
+    ({"call_args": "strength=0.8"}, r"'call_args' must be a mapping"),
+    ({"call_args": {"num_inference_steps": 5}}, r"'call_args' must not set 'num_inference_steps'.*method parameter"),
+    ({"call_args": {"generator": 1}}, r"'call_args' must not set 'generator'"),
+    ({"call_args": {"strenght": 0.8}}, r"'call_args'.*\['strenght'\].*does not take"),
+    ({"inputs": {"image": "source", "mask_image": "mask"}}, r"'inputs'.*\['mask_image'\].*does not take"),
+    ({"output": "images[0]; import os"}, r"'output'"),
+    ({"tiny_kind": "sd3"}, r"'tiny_kind'"),
+])
+def test_bad_configs_name_the_parameter(change, match):
+    with pytest.raises(ParamError, match=match):
+        _method({**IMG2IMG, **change})
+
+
+def test_yaml_override_form_and_conversions():
+    m = _method({**IMG2IMG, "inputs": {"image": "source", "prompt": "target_caption"}, "tiny_kind": "sd15"})
+    assert m.tiny_kind == "sd15" and m.spec().tiny_kind == "sd15"
+    assert m.label() == f"diffusers_pipeline {RANDOM_WEIGHTS_TAG}"
+    assert _method(IP2P).tiny_kind == "ip2p"  # from the class name
+    mask = np.zeros((40, 36), bool)
+    mask[10:30, 5:20] = True
+    pil = m._convert("mask", mask, (40, 36), (32, 32))
+    assert pil.mode == "L" and pil.size == (32, 32) and set(np.unique(np.asarray(pil))) == {0, 255}
+    pts = m._convert("source_points", np.array([[36.0, 40.0]]), (40, 36), (32, 32))
+    assert np.allclose(pts, [[32.0, 32.0]])
+    img = m._convert("source", np.zeros((40, 36, 3), np.uint8), (40, 36), (32, 32))
+    assert img.mode == "RGB" and img.size == (32, 32)
+    # outputs: PIL, float numpy and uint8 numpy all come back RGB uint8 at the source size
+    for out in (Image.new("RGB", (32, 32)), np.zeros((1, 32, 32, 3), np.float32), np.zeros((32, 32, 3), np.uint8)):
+        arr = m._to_rgb_u8(out, (40, 36))
+        assert arr.shape == (40, 36, 3) and arr.dtype == np.uint8
+    s = Sample(id="x", dataset="d", source=np.zeros((8, 8, 3), np.uint8), target_caption="   ")
+    assert "target_caption" in m.check(s)
