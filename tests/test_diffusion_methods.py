@@ -124,7 +124,11 @@ def test_tiny_edit_cached_scored_labelled_and_seeded(name, builder, tmp_path):
     assert _edit_files(tmp_path / "res3", new_keys) != _edit_files(tmp_path / "res", keys)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS_UNDER_TEST))
+# Every diffusion adapter whose default is a real hub model (the generic adapter has none).
+REAL_MODEL_ADAPTERS = sorted({*METHODS_UNDER_TEST, "diffedit", "sd_inpaint"})
+
+
+@pytest.mark.parametrize("name", REAL_MODEL_ADAPTERS)
 def test_uncached_real_model_skips_every_sample(name, builder, tmp_path, empty_hub):
     _two_samples(builder)
     model = METHODS.get(name).Params().model

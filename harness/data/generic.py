@@ -79,11 +79,7 @@ class GenericDataset:
         self.manifest_path = self.root / (manifest or card.get("manifest", "manifest.jsonl"))
         if not self.manifest_path.is_file():
             raise FileNotFoundError(f"dataset '{self.name}': manifest not found: {self.manifest_path}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"dataset '{self.name}': limit must be >= 1, got {limit}")
-        self.limit = limit
-        self.shard = _parse_shard(shard, self.name)
-        self.ids = list(ids) if ids else None
+        self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
 
     @staticmethod
     def read_card(root: Path) -> dict[str, Any]:
@@ -226,6 +222,14 @@ def _points(rec: dict[str, Any], sid: str, key: str) -> np.ndarray | None:
     if not np.all(np.isfinite(arr)):
         raise SampleError(sid, key, "contains NaN or inf")
     return arr
+
+
+def subset_params(name: str, limit: int | None, shard: str | None,
+                  ids: list[str] | None) -> tuple[int | None, tuple[int, int] | None, list[str] | None]:
+    """The checked subset parameters every loader takes: (limit, (i, n) shard, ids)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"dataset '{name}': limit must be >= 1, got {limit}")
+    return limit, _parse_shard(shard, name), (list(ids) if ids else None)
 
 
 def select_refs(units: list, name: str, ids: list[str] | None, shard: tuple[int, int] | None,

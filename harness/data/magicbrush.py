@@ -66,7 +66,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard, select_refs
+from .generic import ID_RE, SampleRef, _fingerprint, select_refs, subset_params
 
 log = logging.getLogger("edit_harness")
 
@@ -167,11 +167,7 @@ class MagicBrushDataset:
             self.caption_paths[kind] = path
         self.images_root = self.root / images_dir
         self.version = str(version if version is not None else "1")
-        if limit is not None and limit < 1:
-            raise ValueError(f"dataset '{self.name}': limit must be >= 1, got {limit}")
-        self.limit = limit
-        self.shard = _parse_shard(shard, self.name)
-        self.ids = list(ids) if ids else None
+        self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
         self._sessions: list[tuple[str, list[SampleRef]]] | None = None
 
     # -- annotations ----------------------------------------------------------------------

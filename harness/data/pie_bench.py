@@ -48,7 +48,7 @@ import numpy as np
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, _parse_shard, select_refs
+from .generic import ID_RE, SampleRef, _fingerprint, select_refs, subset_params
 
 #: The benchmark's mask resolution: every RLE is over a flattened 512x512 image.
 PIE_SHAPE = (512, 512)
@@ -174,11 +174,7 @@ class PieBenchDataset:
             raise FileNotFoundError(f"dataset '{self.name}': mapping file not found: {self.mapping_path}")
         self.images_root = self.root / images_dir
         self.version = str(version if version is not None else "1")
-        if limit is not None and limit < 1:
-            raise ValueError(f"dataset '{self.name}': limit must be >= 1, got {limit}")
-        self.limit = limit
-        self.shard = _parse_shard(shard, self.name)
-        self.ids = list(ids) if ids else None
+        self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
         self.editing_types = None
         if editing_types:
             wanted = {str(t) for t in editing_types}
