@@ -353,7 +353,18 @@ def summarize(
     return out
 
 
-def _reason_counts(g: pd.DataFrame, width: int = 80) -> str:
+def reason_head(r: Any, width: int = 240) -> str:
+    """A skip/fail reason for a table: its first line, whitespace collapsed, cut at ``width``.
+    (Multi-line reasons, such as a missing-weights message, name the problem on the first line
+    and how to fix it on the next ones; edits.parquet keeps them whole.)"""
+    if r is None or (isinstance(r, float) and math.isnan(r)):
+        return ""
+    lines = [ln for ln in str(r).strip().splitlines() if ln.strip()]
+    head = " ".join(lines[0].split()) if lines else ""
+    return head if len(head) <= width else head[: width - 1] + "…"
+
+
+def _reason_counts(g: pd.DataFrame, width: int = 240) -> str:
     parts = []
     bad = g[g["status"] != "ok"]
     if len(bad) == 0:
@@ -361,9 +372,7 @@ def _reason_counts(g: pd.DataFrame, width: int = 80) -> str:
     reasons = bad["reason"] if "reason" in bad.columns else pd.Series([None] * len(bad), index=bad.index)
     counts: dict[tuple[str, str], int] = {}
     for st, r in zip(bad["status"], reasons):
-        r = "" if r is None or (isinstance(r, float) and math.isnan(r)) else " ".join(str(r).split())
-        if len(r) > width:
-            r = r[: width - 1] + "…"
+        r = reason_head(r, width)
         counts[(str(st), r or "no reason given")] = counts.get((str(st), r or "no reason given"), 0) + 1
     for (st, r), c in sorted(counts.items()):
         parts.append(f"{st}: {r} (x{c})")

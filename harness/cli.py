@@ -4,7 +4,7 @@
   edit-harness report RUN_DIR [...]       rebuild tables and plots from stored scores
   edit-harness score EDITS_DIR            score a folder of edits made elsewhere (<sample_id>.png)
   edit-harness validate DATASET           check a dataset (config name or folder)
-  edit-harness weights [PROTOCOL...]      which metric weights are present, and how to provide the rest
+  edit-harness weights [PROTOCOL...]      which metric (and method) weights are present, how to provide the rest
   edit-harness list                       methods, datasets, metrics, protocols, experiments
 """
 from __future__ import annotations
@@ -215,34 +215,76 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     return 1 if problems else 0
 
 
-def _experiment_metrics(name: str) -> dict:
-    """The metrics config an experiment resolves to (composed by Hydra, interpolations resolved)."""
+def _experiment_config(name: str) -> tuple[dict, list[tuple[str, dict]]]:
+    """An experiment's metrics config and its methods, composed by Hydra (interpolations resolved).
+
+    Methods: ``(name, parameters)`` for each method the experiment's sweep lists
+    (``hydra.sweeper.params.method``), else the single composed method; parameters are the
+    method's YAML defaults with the experiment's overrides.
+    """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={name}"])
-    return OmegaConf.to_container(cfg.metrics, resolve=True)
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        sweep = OmegaConf.select(cfg, "hydra.sweeper.params.method")
+        names = [m.strip() for m in str(sweep).split(",") if m.strip()] if sweep else [str(cfg.method.name)]
+        methods = []
+        for m in names:
+            mc = compose(config_name="config", overrides=[f"experiment={name}", f"method={m}"])
+            methods.append((m, OmegaConf.to_container(mc.method, resolve=True)))
+    return OmegaConf.to_container(cfg.metrics, resolve=True), methods
+
+
+def _print_method_weights(methods: list[tuple[str, dict]]) -> int:
+    """Print each method's weights (present or how to provide them); returns how many are missing."""
+    from .registry import METHODS
+    import methods as _methods  # noqa: F401  (registers the methods)
+
+    missing = 0
+    for name, params in methods:
+        cls = METHODS.get(name)
+        method = cls.from_config({k: v for k, v in params.items() if k != "name"})
+        needs = method.weights_status()
+        if not needs:
+            print(f"  present  method {name}: needs no weights")
+        for what, problem in needs:
+            if problem:
+                missing += 1
+                print(f"  MISSING  method {name}: {what}: {problem}")
+            else:
+                print(f"  present  method {name}: {what} ({method.model_revision()})")
+    return missing
 
 
 def _cmd_weights(argv: Sequence[str]) -> int:
     protocols, experiments = _group_options("metrics"), _group_options("experiment")
     ap = argparse.ArgumentParser(
         prog="edit-harness weights",
-        description="Which weights each metric of a protocol (or of the protocol an experiment uses) needs, "
+        description="Which weights each metric of a protocol needs (for an experiment: also each of its methods), "
                     "which are present here, and how to provide the missing ones.",
     )
     ap.add_argument("names", nargs="*", metavar="PROTOCOL|EXPERIMENT",
-                    help=f"protocols ({', '.join(protocols)}) or experiments ({', '.join(experiments)}); default: every protocol")
+                    help=f"protocols ({', '.join(protocols)}) or experiments ({', '.join(experiments)}); "
+                         "experiment=NAME for an experiment that shares a protocol's name (default); "
+                         "default: every protocol")
     a = ap.parse_args(argv)
     from .scoring import MetricSuite
 
-    missing = 0
+    missing = missing_methods = 0
     for name in a.names or protocols:
-        if name in protocols:
+        methods: list[tuple[str, dict]] = []
+        # experiment=NAME / metrics=NAME say which group a name shared by both means
+        kind, _, bare = name.rpartition("=")
+        if kind and kind not in ("experiment", "metrics"):
+            raise UsageError(f"'{name}': write PROTOCOL, EXPERIMENT, metrics=PROTOCOL or experiment=EXPERIMENT")
+        if kind == "experiment" and bare not in experiments:
+            raise UsageError(f"unknown experiment '{bare}'; experiments: {', '.join(experiments)}")
+        name = bare
+        if name in protocols and kind != "experiment":
             cfg, title = _load_yaml(CONF_DIR / "metrics" / f"{name}.yaml"), f"protocol {name}"
         elif name in experiments:
-            cfg = _experiment_metrics(name)
+            cfg, methods = _experiment_config(name)
             title = f"experiment {name} (protocol {cfg.get('protocol', '?')})"
         else:
             raise UsageError(f"unknown protocol or experiment '{name}'; protocols: {', '.join(protocols)}; "
@@ -255,7 +297,10 @@ def _cmd_weights(argv: Sequence[str]) -> int:
                 print(f"  MISSING  {e.name}: {e.unavailable}")
             else:
                 print(f"  present  {e.name}: {e.metric.weights()}")
-    print(f"{missing} metric(s) unavailable" if missing else "all weights present")
+        missing_methods += _print_method_weights(methods)
+    print(f"{missing} metric(s) unavailable" if missing else "all metric weights present")
+    if missing_methods:
+        print(f"{missing_methods} method model(s) missing: those methods' edits are skipped, naming the model")
     return 0
 
 

@@ -127,6 +127,12 @@ class Method(abc.ABC):
     def prepare(self) -> None:
         """Load models once per process; timed as preparation. Raise to skip the whole method."""
 
+    def weights_status(self) -> list[tuple[str, str | None]]:
+        """The weights this method needs, without loading them: ``(what, problem)`` pairs where
+        ``problem`` is None when present here, else why not and how to provide them.
+        ``edit-harness weights EXPERIMENT`` prints these. Methods without weights return []."""
+        return []
+
     def check(self, sample: Sample) -> str | None:
         """Reason this sample cannot be handled (beyond ``requires``/``categories``), or None."""
         return None

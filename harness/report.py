@@ -465,6 +465,28 @@ def write_edits_md(path: Path, edits: pd.DataFrame, by: Sequence[str]) -> Path:
     return path
 
 
+def unscored_section(edits: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Markdown lines listing the method / parameter points with no ok edit (every edit skipped
+    or failed: missing weights, missing sample fields ...), with their reasons, so that a method
+    that could not run still has a row in the results table's report."""
+    if not len(edits):
+        return []
+    es = _order(edit_summary(edits, by), by)
+    es = es[es["ok"] == 0]
+    if not len(es):
+        return []
+    lines = ["## Not scored: every edit skipped or failed", "",
+             "| " + " | ".join([_key_title(k) for k in by] + ["n", "skipped", "failed", "reason"]) + " |",
+             "|" + "|".join(["---"] * len(by) + ["---:"] * 3 + ["---"]) + "|"]
+    for r in es.to_dict("records"):
+        keys = [format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by]
+        lines.append("| " + " | ".join(md_escape(x) for x in keys + [
+            str(r["n"]), str(r["skipped"]), str(r["failed"]), r["reasons"] or "—"]) + " |")
+    lines += ["", "Full reasons (for missing weights: every way to provide them) are in each job's edits.parquet; "
+              "`edit-harness weights experiment=NAME` lists what is missing before a run."]
+    return lines
+
+
 def _write_text(path: Path, text: str) -> None:
     save_bytes(Path(path), text.encode("utf-8"))
 
@@ -538,7 +560,9 @@ def write_report(
     plots = write_plots(summary, by, out_dir)
     t = Table(summary, by, partition)
     cap = caption_lines(scores, edits, summary, "Results: mean [95% bootstrap CI] per method and parameter point")
-    extra = ["## Plots", "", *[f"- {n}" for n in plots]] if plots else []
+    extra = unscored_section(edits, by)
+    if plots:
+        extra = [*extra, *([""] if extra else []), "## Plots", "", *[f"- {n}" for n in plots]]
     files["table.md"] = write_markdown(out_dir / "table.md", cap, t, extra)
     files["table.csv"] = write_csv(out_dir / "table.csv", cap, t)
     files["table.tex"] = write_latex(out_dir / "table.tex", cap, t)

@@ -10,3 +10,11 @@ from . import sdedit  # noqa: F401
 from . import diffedit  # noqa: F401
 from . import sd_inpaint  # noqa: F401
 from . import diffusers_pipeline  # noqa: F401
+from . import pix2pix_zero  # noqa: F401
+from . import blended_latent_diffusion  # noqa: F401
+from . import masactrl  # noqa: F401
+from . import plug_and_play  # noqa: F401
+from . import ledits_pp  # noqa: F401
+from . import prompt_to_prompt  # noqa: F401
+from . import sdxl_inpaint  # noqa: F401
+from . import paint_by_example  # noqa: F401

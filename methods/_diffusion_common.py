@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 import time
+import types
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -32,12 +34,16 @@ import numpy as np
 from harness.method import Method
 from harness.types import MethodOutput, Sample
 
-from .diffusion.loading import BACKBONES, DEVICES, DTYPES, LoadedPipeline, ModelSpec, load_pipeline, resolve_revision
+from .diffusion.loading import (BACKBONES, DEVICES, DTYPES, LoadedPipeline, ModelSpec, hub_cache_dir, load_pipeline,
+                                resolve_revision)
 from .diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
 # Stable Diffusion 1.x's VAE downsamples by 8: the working size must be a multiple of it.
 SIZE_MULTIPLE = 8
 RANDOM_WEIGHTS_TAG = "[RANDOM WEIGHTS]"
+PROVIDE_WEIGHTS = ("download it on a machine with hub access and copy the hub cache here (HF_HOME / HF_HUB_CACHE), "
+                   "set method.model to a local folder, allow downloads (method.allow_downloads=true or "
+                   "EDIT_HARNESS_ALLOW_DOWNLOADS=1), or smoke-run with method.backbone=tiny")
 
 
 def _check_number(owner: str, name: str, value: Any, minimum: float, *, integer: bool = False,
@@ -49,13 +55,12 @@ def _check_number(owner: str, name: str, value: Any, minimum: float, *, integer:
         raise ValueError(f"{owner}: '{name}' must be {'>=' if inclusive else '>'} {minimum}, got {value!r}")
 
 
-def working_size(height: int, width: int, resolution: int | None) -> tuple[int, int]:
+def working_size(height: int, width: int, resolution: int | None, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
     """(height, width) the pipeline runs at: ``resolution`` x ``resolution``, or, for None, the
-    source size rounded down to a multiple of 8 (at least 8)."""
+    source size rounded down to a multiple of ``multiple`` (at least ``multiple``)."""
     if resolution is not None:
         return int(resolution), int(resolution)
-    return (max(SIZE_MULTIPLE, height // SIZE_MULTIPLE * SIZE_MULTIPLE),
-            max(SIZE_MULTIPLE, width // SIZE_MULTIPLE * SIZE_MULTIPLE))
+    return max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
 
 
 def to_pil(image: np.ndarray, size_hw: tuple[int, int]) -> Any:
@@ -183,6 +188,21 @@ class DiffusionMethod(Method):
             self._revision = resolve_revision(self.spec(), None)
         return self._revision
 
+    def weights_status(self) -> list[tuple[str, str | None]]:
+        """One entry: the pipeline's model, present when its revision resolves without loading
+        (a tiny backbone, an existing local folder or a cached hub snapshot)."""
+        rev = self.model_revision() or ""
+        what = f"{self.params.model} ({RANDOM_WEIGHTS_LABEL})" if self.params.backbone == "tiny" else self.params.model
+        if rev.startswith("uncached:"):
+            return [(what, f"not in the Hugging Face hub cache {hub_cache_dir(None)}; {PROVIDE_WEIGHTS}")]
+        if rev.startswith("missing-local:"):
+            return [(what, f"the local folder does not exist; {PROVIDE_WEIGHTS}")]
+        if rev.startswith("local-") and not os.path.isfile(os.path.join(os.path.expanduser(self.params.model),
+                                                                          "model_index.json")):
+            return [(what, "the local folder has no model_index.json (not a diffusers pipeline folder: "
+                           "save one with pipeline.save_pretrained or download a hub snapshot)")]
+        return [(what, None)]
+
     def weights_label(self) -> str:
         """Where the weights come from, for tables (the random-weights label for tiny)."""
         if self._loaded is not None:
@@ -193,43 +213,173 @@ class DiffusionMethod(Method):
         """Load the pipeline (once per process; ``MissingWeights`` propagates to the runner)."""
         self._loaded = load_pipeline(self.pipeline_class(), self.spec())
 
+    # Sample text fields that must be non-empty when present (``requires`` covers absent ones).
+    text_fields: ClassVar[tuple[str, ...] | None] = None  # None = (prompt_field,)
+
     def check(self, sample: Sample) -> str | None:
-        text = getattr(sample, self.prompt_field)
-        if text is not None and not str(text).strip():
-            return f"method '{self.name}' needs a non-empty {self.prompt_field}; sample '{sample.id}' has an empty one"
-        return None
+        return empty_text_reason(self.name, sample, self.text_fields or (self.prompt_field,))
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) this method runs at (a subclass with other size rules overrides it)."""
+        return working_size(height, width, self.params.resolution)
+
+    def begin_edit(self, sample: Sample, seed: int) -> "EditStart":
+        """The common start of every adapter's ``edit``: the pipeline loaded (once), the source
+        resized (bicubic) to :meth:`working_size`, and a generator seeded with ``seed`` on the
+        pipeline's device (on the CPU for MPS, whose generators not every op supports; diffusers'
+        docs seed there too). ``t0`` starts the edit's preparation timer."""
+        import torch
+
+        t0 = time.perf_counter()
+        if self._loaded is None:
+            self.prepare()
+            t0 = time.perf_counter()
+        loaded = self._loaded
+        assert loaded is not None
+        src = np.asarray(sample.source)
+        h, w = src.shape[:2]
+        size = self.working_size(h, w)
+        gen_device = "cpu" if loaded.device == "mps" else loaded.device
+        generator = torch.Generator(gen_device).manual_seed(int(seed))
+        return EditStart(loaded, src, (h, w), size, to_pil(src, size), generator, t0)
+
+    def edit_info(self, start: "EditStart", seed: int, prep_seconds: float, **entries: Any) -> dict[str, Any]:
+        """An edit's ``info``: the loaded weights' summary, steps, guidance, :meth:`extra_info`,
+        then ``entries`` (method-specific), the working size, the seed and the preparation time
+        (image conversion and resizing; model loading is ``prepare()``)."""
+        p = self.params
+        return {
+            **start.loaded.info(),
+            "steps": int(p.num_inference_steps),
+            "guidance_scale": float(p.guidance_scale),
+            **self.extra_info(),
+            **entries,
+            "working_size_hw": [int(start.size[0]), int(start.size[1])],
+            "seed": int(seed),
+            "prep_seconds": prep_seconds,
+        }
 
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         import torch
 
-        if self._loaded is None:
-            self.prepare()
-        loaded = self._loaded
-        assert loaded is not None
-        p = self.params
-        t0 = time.perf_counter()
-        src = np.asarray(sample.source)
-        h, w = src.shape[:2]
-        size = working_size(h, w, p.resolution)
-        image = to_pil(src, size)
+        start = self.begin_edit(sample, seed)
         prompt = str(getattr(sample, self.prompt_field))
-        # MPS generators are not supported by every op; diffusers' docs seed on the CPU there.
-        gen_device = "cpu" if loaded.device == "mps" else loaded.device
-        generator = torch.Generator(gen_device).manual_seed(int(seed))
-        prep = time.perf_counter() - t0
+        prep = time.perf_counter() - start.t0
         with torch.inference_mode():
-            out = self.call_pipeline(loaded.pipeline, image, prompt, generator)
-        edited = from_pipeline_output(out.images, (h, w))
-        info: dict[str, Any] = {
-            **loaded.info(),
-            "steps": int(p.num_inference_steps),
-            "guidance_scale": float(p.guidance_scale),
-            **self.extra_info(),
-            "working_size_hw": [int(size[0]), int(size[1])],
-            "prompt_field": self.prompt_field,
-            "prompt": prompt,
-            "seed": int(seed),
-            # preparation of this edit (image conversion and resizing); model loading is prepare()
-            "prep_seconds": prep,
-        }
+            out = self.call_pipeline(start.loaded.pipeline, start.image, prompt, start.generator)
+        edited = from_pipeline_output(out.images, start.source_hw)
+        info = self.edit_info(start, seed, prep, prompt_field=self.prompt_field, prompt=prompt)
         return MethodOutput(image=edited, info=info)
+
+
+@dataclasses.dataclass
+class EditStart:
+    """What :meth:`DiffusionMethod.begin_edit` prepares for one edit."""
+
+    loaded: LoadedPipeline
+    source: np.ndarray  # RGB uint8, the sample's size
+    source_hw: tuple[int, int]
+    size: tuple[int, int]  # working (height, width)
+    image: Any  # the source as a PIL image of the working size
+    generator: Any  # torch.Generator seeded with the edit's seed
+    t0: float  # perf_counter at the start of the edit's preparation
+
+
+def empty_text_reason(method: str, sample: Sample, fields: tuple[str, ...] | list[str]) -> str | None:
+    """The skip reason when one of ``fields`` holds blank text, else None (absent fields are
+    the runner's ``requires`` check)."""
+    for field in fields:
+        text = getattr(sample, field)
+        if text is not None and not str(text).strip():
+            return f"method '{method}' needs a non-empty {field}; sample '{sample.id}' has an empty one"
+    return None
+
+
+def use_ddim_pair(pipe: Any) -> None:
+    """Set a DDIM scheduler and its inverse built from the checkpoint's scheduler config, as
+    diffusers' real-image examples of DiffEdit and Pix2Pix-Zero do (a checkpoint has no
+    ``inverse_scheduler``). The loaded pipeline is shared (cached per class and weights), so this
+    is done once: every instance of these methods wants the same pair."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if not isinstance(getattr(pipe, "inverse_scheduler", None), DDIMInverseScheduler):
+        pipe.inverse_scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+
+
+def check_unit(owner: str, name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` must be a number in the unit interval, ends open or closed as asked."""
+    _check_number(owner, name, value, 0.0, inclusive=not low_open)
+    if value > 1.0 or (high_open and value == 1.0):
+        raise ValueError(f"{owner}: '{name}' must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, "
+                         f"got {value!r}")
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: '{name}' must be one of {list(choices)}, got {value!r}")
+
+
+class InvertAndEditMethod(DiffusionMethod):
+    """Base of adapters that DDIM-invert the source on a ``StableDiffusionPipeline`` and denoise
+    with attention control in their own loop (MasaCtrl, Plug-and-Play); the pipeline supplies
+    the components.
+
+    Subclasses implement :meth:`run_edit` (latents in, latents and extras out) and
+    :meth:`source_prompt_for`.
+    """
+
+    tiny_kind: ClassVar[str] = "sd15"
+    prompt_field: ClassVar[str] = "target_caption"
+
+    def __init__(self, params: "InvertAndEditMethod.Params | None" = None):
+        super().__init__(params)
+        self._sample: Sample | None = None
+        self._extra: dict[str, Any] = {}
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    @abc.abstractmethod
+    def source_prompt_for(self, sample: Sample) -> str:
+        """The text the source branch is inverted / conditioned with."""
+
+    @abc.abstractmethod
+    def run_edit(self, pipe: Any, latents0: Any, source_prompt: str, target_prompt: str) -> dict[str, Any]:
+        """Invert ``latents0`` and edit; a dict with at least ``"edit"`` (final latents
+        ``[1, C, h, w]``), plus whatever tests want to inspect."""
+
+    def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
+        from .diffusion.inversion import decode_latents, encode_image
+
+        assert self._sample is not None
+        latents0 = encode_image(pipe, np.asarray(image))
+        source_prompt = self.source_prompt_for(self._sample)
+        out = self.run_edit(pipe, latents0, source_prompt, prompt)
+        self._extra = {"source_prompt_text": source_prompt, **out.get("info", {})}
+        u8 = decode_latents(pipe, out["edit"])
+        # from_pipeline_output maps [0, 1] floats back to uint8 with rint: exact for k / 255.
+        return types.SimpleNamespace(images=u8.astype(np.float32) / 255.0)
+
+    def edit(self, sample: Sample, seed: int) -> MethodOutput:
+        self._sample, self._extra = sample, {}
+        try:
+            out = super().edit(sample, seed)
+            extra = self._extra
+        finally:
+            self._sample, self._extra = None, {}
+        out.info.update(extra)
+        return out
+
+
+def text_embeddings(pipe: Any, prompts: list[str], like: Any) -> Any:
+    """``encode_prompt`` of each prompt, concatenated, on ``like``'s device and dtype."""
+    import torch
+
+    from .diffusion.inversion import encode_prompt
+
+    return torch.cat([encode_prompt(pipe, p) for p in prompts]).to(device=like.device, dtype=like.dtype)

@@ -35,7 +35,7 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number
+from ._diffusion_common import DiffusionMethod, _check_number, check_unit, use_ddim_pair
 
 
 def mask_to_grid(mask: Any, size_hw: tuple[int, int]) -> np.ndarray:
@@ -50,12 +50,6 @@ def mask_to_grid(mask: Any, size_hw: tuple[int, int]) -> np.ndarray:
     if u8.shape != (h, w):
         u8 = np.asarray(Image.fromarray(u8, mode="L").resize((w, h), Image.NEAREST))
     return np.ascontiguousarray(u8 >= 128)
-
-
-def _in_unit(owner: str, name: str, value: Any, *, zero_ok: bool = False) -> None:
-    _check_number(owner, name, value, 0.0, inclusive=zero_ok)
-    if value > 1.0:
-        raise ValueError(f"{owner}: '{name}' must be in {'[' if zero_ok else '('}0, 1], got {value!r}")
 
 
 @METHODS.register("diffedit")
@@ -80,8 +74,8 @@ class DiffEdit(DiffusionMethod):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            _in_unit("diffedit", "mask_encode_strength", self.mask_encode_strength)
-            _in_unit("diffedit", "inpaint_strength", self.inpaint_strength)
+            check_unit("diffedit", "mask_encode_strength", self.mask_encode_strength, low_open=True)
+            check_unit("diffedit", "inpaint_strength", self.inpaint_strength, low_open=True)
             _check_number("diffedit", "num_maps_per_mask", self.num_maps_per_mask, 1, integer=True)
             _check_number("diffedit", "mask_thresholding_ratio", self.mask_thresholding_ratio, 0.0, inclusive=False)
 
@@ -96,24 +90,11 @@ class DiffEdit(DiffusionMethod):
 
         return StableDiffusionDiffEditPipeline
 
+    text_fields = ("source_caption", "target_caption")
+
     def prepare(self) -> None:
         super().prepare()
-        from diffusers import DDIMInverseScheduler, DDIMScheduler
-
-        pipe = self._loaded.pipeline
-        # As in the pipeline's docstring example. The loaded pipeline is shared (cached per class
-        # and weights), so set the pair once: every DiffEdit instance wants the same.
-        if not isinstance(pipe.scheduler, DDIMScheduler):
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        if not isinstance(getattr(pipe, "inverse_scheduler", None), DDIMInverseScheduler):
-            pipe.inverse_scheduler = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-
-    def check(self, sample: Sample) -> str | None:
-        for field in ("source_caption", "target_caption"):
-            text = getattr(sample, field)
-            if text is not None and not str(text).strip():
-                return f"method '{self.name}' needs a non-empty {field}; sample '{sample.id}' has an empty one"
-        return None
+        use_ddim_pair(self._loaded.pipeline)  # as in the pipeline's docstring example
 
     def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
         p = self.params

@@ -52,7 +52,7 @@ from harness.method import ParamError
 from harness.registry import METHODS
 from harness.types import SAMPLE_FIELDS, MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, from_pipeline_output, to_pil, working_size
+from ._diffusion_common import DiffusionMethod, from_pipeline_output, to_pil
 from .diffusion.tiny import TINY_KINDS
 
 NAME = "diffusers_pipeline"
@@ -322,19 +322,12 @@ class DiffusersPipeline(DiffusionMethod):
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         import torch
 
-        if self._loaded is None:
-            self.prepare()
-        loaded = self._loaded
-        assert loaded is not None
+        start = self.begin_edit(sample, seed)
         p = self.params
-        t0 = time.perf_counter()
-        src = np.asarray(sample.source)
-        h, w = src.shape[:2]
-        size = working_size(h, w, p.resolution)
         kwargs: dict[str, Any] = {}
         texts: dict[str, str] = {}
         for arg, field in p.inputs.items():
-            kwargs[arg] = self._convert(field, getattr(sample, field), (h, w), size)
+            kwargs[arg] = self._convert(field, getattr(sample, field), start.source_hw, start.size)
             if isinstance(kwargs[arg], str):
                 texts[arg] = kwargs[arg]
         for arg in COMMON_CALL_ARGS:
@@ -343,27 +336,19 @@ class DiffusersPipeline(DiffusionMethod):
         kwargs.update(p.call_args or {})
         if "output_type" not in kwargs and self._takes("output_type"):
             kwargs["output_type"] = "np"
-        gen_device = "cpu" if loaded.device == "mps" else loaded.device
-        generator = torch.Generator(gen_device).manual_seed(int(seed))
         if self._takes("generator"):
-            kwargs["generator"] = generator
-        prep = time.perf_counter() - t0
+            kwargs["generator"] = start.generator
+        prep = time.perf_counter() - start.t0
         with torch.inference_mode():
-            out = loaded.pipeline(**kwargs)
-        edited = self._to_rgb_u8(self._extract(out), (h, w))
-        info: dict[str, Any] = {
-            **loaded.info(),
-            "pipeline": p.pipeline,
-            "pipeline_class": f"{self._pipeline_cls.__module__}.{self._pipeline_cls.__qualname__}",
-            "inputs": dict(p.inputs),
-            "call_args": dict(p.call_args or {}),
-            "output": p.output,
+            out = start.loaded.pipeline(**kwargs)
+        edited = self._to_rgb_u8(self._extract(out), start.source_hw)
+        info = self.edit_info(
+            start, seed, prep,
+            pipeline=p.pipeline,
+            pipeline_class=f"{self._pipeline_cls.__module__}.{self._pipeline_cls.__qualname__}",
+            inputs=dict(p.inputs), call_args=dict(p.call_args or {}), output=p.output,
             **{k: kwargs[k] for k in COMMON_CALL_ARGS if k in kwargs},
-            "steps": int(kwargs.get("num_inference_steps", p.num_inference_steps)),
-            "passed": sorted(kwargs),
-            "working_size_hw": [int(size[0]), int(size[1])],
-            "texts": texts,
-            "seed": int(seed),
-            "prep_seconds": prep,
-        }
+            steps=int(kwargs.get("num_inference_steps", p.num_inference_steps)),
+            passed=sorted(kwargs), texts=texts,
+        )
         return MethodOutput(image=edited, info=info)

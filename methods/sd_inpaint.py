@@ -14,6 +14,10 @@ pixels outside the mask change (VAE round trip, resizing). With ``paste_back`` t
 outside the sample's mask (on the source grid) are copied back into the result, as mask-given
 inpainting is usually evaluated (the unedited region is then exactly the source); false keeps the
 pipeline's full decoded image.
+
+The mask-given plumbing (:class:`MaskedInpaintMethod`: non-empty mask check, the mask at the
+working size, paste-back, the mask returned with the edit) is shared with ``sdxl_inpaint``; the
+helpers :func:`mask_to_pil` and :func:`paste_source_back` also serve ``paint_by_example``.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number
+from ._diffusion_common import DiffusionMethod, check_unit
 
 
 def mask_to_pil(mask: np.ndarray, size_hw: tuple[int, int]) -> Any:
@@ -39,46 +43,57 @@ def mask_to_pil(mask: np.ndarray, size_hw: tuple[int, int]) -> Any:
     return pil
 
 
-@METHODS.register("sd_inpaint")
-class SDInpaint(DiffusionMethod):
-    """Repaint the sample's mask toward the target caption."""
+def paste_source_back(image: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The edit inside ``mask``, the source's pixels outside it (all on the source grid)."""
+    mask = np.asarray(mask, dtype=bool)
+    return np.ascontiguousarray(np.where(mask[..., None], image, np.asarray(source)).astype(np.uint8))
 
-    version = "1"
+
+def masked_output(sample: Sample, image: np.ndarray, info: dict, paste_back: bool) -> MethodOutput:
+    """A mask-given method's output: the edit (with the source pasted back outside the sample's
+    mask when ``paste_back``) and that mask, returned as the method's mask."""
+    mask = np.asarray(sample.mask, dtype=bool)
+    if paste_back:
+        image = paste_source_back(image, sample.source, mask)
+    return MethodOutput(image=np.ascontiguousarray(image), mask=mask.copy(), info=info)
+
+
+def empty_mask_reason(method: str, sample: Sample) -> str | None:
+    """The skip reason for a sample whose mask is given but selects no pixel, else None."""
+    if sample.mask is not None and not np.asarray(sample.mask).any():
+        return f"method '{method}' needs a non-empty mask; sample '{sample.id}' has an empty one"
+    return None
+
+
+def check_strength(owner: str, strength: Any) -> None:
+    """``strength`` must be a number in (0, 1]."""
+    check_unit(owner, "strength", strength, low_open=True)
+
+
+def check_paste_back(owner: str, paste_back: Any) -> None:
+    if not isinstance(paste_back, bool):
+        raise ValueError(f"{owner}: 'paste_back' must be true or false, got {paste_back!r}")
+
+
+class MaskedInpaintMethod(DiffusionMethod):
+    """Base of the text-conditioned, mask-given inpainting adapters (SD and SDXL inpainting).
+
+    Subclasses name the pipeline class and the tiny kind, and give ``Params`` the fields
+    ``strength`` (in (0, 1]) and ``paste_back`` (bool). The pipeline is called with the target
+    caption, the source and the mask at the working size, ``strength``, the steps and the guidance
+    scale; the returned edit carries the sample's mask.
+    """
+
     requires = ("source", "mask", "target_caption")
-    tiny_kind = "inpaint"  # 9-input-channel UNet: noisy latent + mask + masked-image latent
     prompt_field = "target_caption"
 
-    @dataclasses.dataclass(frozen=True)
-    class Params(DiffusionMethod.Params):
-        model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"  # diffusers inpaint docstring example
-        num_inference_steps: int = 50  # diffusers inpaint default
-        guidance_scale: float = 7.5  # diffusers inpaint default
-        strength: float = 1.0  # diffusers inpaint default; 1 = the masked area starts from pure noise
-        paste_back: bool = True  # copy the source back outside the mask (exact unedited region)
-
-        def __post_init__(self) -> None:
-            super().__post_init__()
-            _check_number("sd_inpaint", "strength", self.strength, 0.0, inclusive=False)
-            if self.strength > 1.0:
-                raise ValueError(f"sd_inpaint: 'strength' must be in (0, 1], got {self.strength!r}")
-            if not isinstance(self.paste_back, bool):
-                raise ValueError(f"sd_inpaint: 'paste_back' must be true or false, got {self.paste_back!r}")
-
-    def __init__(self, params: "SDInpaint.Params | None" = None):
+    def __init__(self, params: "DiffusionMethod.Params | None" = None):
         super().__init__(params)
         self._sample: Sample | None = None
 
-    @classmethod
-    def pipeline_class(cls) -> type:
-        from diffusers import StableDiffusionInpaintPipeline
-
-        return StableDiffusionInpaintPipeline
-
     def check(self, sample: Sample) -> str | None:
         reason = super().check(sample)
-        if reason is None and sample.mask is not None and not np.asarray(sample.mask).any():
-            return f"method '{self.name}' needs a non-empty mask; sample '{sample.id}' has an empty one"
-        return reason
+        return reason if reason is not None else empty_mask_reason(self.name, sample)
 
     def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
         p = self.params
@@ -103,16 +118,42 @@ class SDInpaint(DiffusionMethod):
             out = super().edit(sample, seed)
         finally:
             self._sample = None
-        mask = np.asarray(sample.mask, dtype=bool)
-        image = out.image
-        if self.params.paste_back:
-            image = np.where(mask[..., None], image, np.asarray(sample.source)).astype(np.uint8)
-        return MethodOutput(image=np.ascontiguousarray(image), mask=mask.copy(), info=out.info)
+        return masked_output(sample, out.image, out.info, self.params.paste_back)
 
     def extra_info(self) -> dict[str, Any]:
         p = self.params
         return {
             "strength": float(p.strength),
-            "denoising_steps": int(p.num_inference_steps * p.strength),
+            # diffusers' get_timesteps: min(int(steps * strength), steps) steps are run
+            "denoising_steps": min(int(p.num_inference_steps * p.strength), int(p.num_inference_steps)),
             "paste_back": bool(p.paste_back),
         }
+
+
+@METHODS.register("sd_inpaint")
+class SDInpaint(MaskedInpaintMethod):
+    """Repaint the sample's mask toward the target caption."""
+
+    version = "1"
+    requires = ("source", "mask", "target_caption")
+    tiny_kind = "inpaint"  # 9-input-channel UNet: noisy latent + mask + masked-image latent
+    prompt_field = "target_caption"
+
+    @dataclasses.dataclass(frozen=True)
+    class Params(DiffusionMethod.Params):
+        model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"  # diffusers inpaint docstring example
+        num_inference_steps: int = 50  # diffusers inpaint default
+        guidance_scale: float = 7.5  # diffusers inpaint default
+        strength: float = 1.0  # diffusers inpaint default; 1 = the masked area starts from pure noise
+        paste_back: bool = True  # copy the source back outside the mask (exact unedited region)
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_strength("sd_inpaint", self.strength)
+            check_paste_back("sd_inpaint", self.paste_back)
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import StableDiffusionInpaintPipeline
+
+        return StableDiffusionInpaintPipeline

@@ -3,10 +3,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -167,3 +169,120 @@ def empty_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("EDIT_HARNESS_ALLOW_DOWNLOADS", raising=False)
     return hub
+
+
+# -- reading a job's tables -------------------------------------------------------------------
+def read_edits(outcome) -> pd.DataFrame:
+    """The job's edits table (one row a sample)."""
+    return pd.read_parquet(outcome.job_dir / "edits.parquet")
+
+
+def read_scores(outcome) -> pd.DataFrame:
+    """The job's scores table (one row a sample, metric and region)."""
+    return pd.read_parquet(outcome.job_dir / "scores.parquet")
+
+
+# -- the whole harness on a tiny random-weight backbone -----------------------------------------
+# (h, w) of the two samples add_two_samples writes
+TWO_SIZES = {"a": (48, 64), "b": (40, 36)}
+
+
+def add_two_samples(builder: DatasetBuilder, a: dict | None = None, b: dict | None = None) -> None:
+    """Samples "a" (48 x 64, seed 1) and "b" (40 x 36, seed 2) of category change_color, as
+    TWO_SIZES says; ``a`` / ``b``: more record fields of one of them."""
+    for sid, seed, own in (("a", 1, a), ("b", 2, b)):
+        h, w = TWO_SIZES[sid]
+        builder.add_simple(sid, h=h, w=w, category="change_color", seed=seed, **(own or {}))
+
+
+@dataclass
+class TinyRun:
+    """What run_tiny_job checked, for a test's method-specific assertions."""
+
+    outcome: Any  # the first run's JobOutcome
+    edits: pd.DataFrame  # its edits table, indexed by sample_id
+    scores: pd.DataFrame  # its scores table
+    records: dict[str, tuple[Any, dict[str, Any]]]  # sample id -> (EditRecord, info of edit.json)
+
+    def info(self, sid: str) -> dict[str, Any]:
+        return self.records[sid][1]
+
+
+def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_SIZES) -> TinyRun:
+    """Run a job of a diffusion method on ``backbone=tiny`` twice and check what every such run shows.
+
+    First run: every sample of ``sizes`` (id -> source (h, w)) edited and scored; every edit
+    labelled as random weights of tiny backbone ``kind`` (edits table and edit.json); each stored
+    edit an RGB image of its source's size; edit.json's steps, working size and seed those of
+    ``cfg``; every metric of ``cfg`` scored on every sample, finite and > 0 on region ``all``
+    (random weights change the image). Second run: everything from the cache.
+    """
+    from harness.cache import EditStore
+    from harness.runner import run_job
+    from methods._diffusion_common import RANDOM_WEIGHTS_TAG
+    from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
+
+    n = len(sizes)
+    first = run_job(cfg)
+    edits = read_edits(first)
+    assert first.counts == {"ok": n, "skipped": 0, "failed": 0}, edits.reason.tolist()
+    assert first.computed == n and first.scored == n
+    edits = edits.set_index("sample_id")
+    assert sorted(edits.index) == sorted(sizes)
+    assert (edits.model_revision == f"tiny-random-{kind}").all()
+    assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
+
+    method = cfg["method"]
+    res = method["resolution"]
+    store = EditStore(Path(cfg["results_dir"]) / cfg["run_name"] / "edits")
+    records = {}
+    for sid, (h, w) in sizes.items():
+        rec = store.get(edits.loc[sid, "edit_key"])
+        assert rec is not None, sid
+        with Image.open(rec.folder / "edit.png") as im:
+            assert im.size == (w, h) and im.mode == "RGB"
+        info = json.loads((rec.folder / "edit.json").read_text())["info"]
+        assert info["weights"] == RANDOM_WEIGHTS_LABEL and info["random_weights"] is True
+        assert info["revision"] == f"tiny-random-{kind}"
+        assert info["steps"] == method["num_inference_steps"] and info["seed"] == cfg["seed"]
+        assert info["working_size_hw"] == [res, res]
+        records[sid] = (rec, info)
+
+    scores = read_scores(first)
+    assert set(scores.metric) == set(cfg["metrics"]["items"]) and set(scores.sample_id) == set(sizes)
+    whole = scores.query("region == 'all'").value
+    assert len(whole) == n * len(cfg["metrics"]["items"])
+    assert np.isfinite(whole).all() and (whole > 0).all()  # random weights: the image changed
+
+    again = run_job(cfg)
+    assert again.computed == 0 and again.cached == n and again.scored == 0
+    return TinyRun(first, edits, scores, records)
+
+
+# -- skips ------------------------------------------------------------------------------------------
+def assert_skipped(outcome, reasons: dict[str, str]) -> pd.DataFrame:
+    """Each sample named in ``reasons`` skipped with a reason naming it and holding the given
+    text; every other sample edited. Returns the edits table indexed by sample_id."""
+    edits = read_edits(outcome).set_index("sample_id")
+    ok = [sid for sid in edits.index if sid not in reasons]
+    assert outcome.counts == {"ok": len(ok), "skipped": len(reasons), "failed": 0}, edits.reason.tolist()
+    for sid in ok:
+        assert edits.loc[sid, "status"] == "ok", edits.loc[sid, "reason"]
+    for sid, needle in reasons.items():
+        reason = edits.loc[sid, "reason"]
+        assert edits.loc[sid, "status"] == "skipped" and sid in reason and needle in reason, reason
+    return edits
+
+
+def assert_missing_weights(outcome, model: str, n: int = 2) -> pd.DataFrame:
+    """Every one of the ``n`` samples skipped because ``model`` is not in the (empty) hub cache:
+    the reason names the model, that the method could not be prepared and the backbone=tiny way
+    out; the revision is ``uncached:<model>@main``; nothing scored. Returns the edits table."""
+    assert outcome.counts == {"ok": 0, "skipped": n, "failed": 0}
+    edits = read_edits(outcome)
+    assert (edits.status == "skipped").all()
+    for reason in edits.reason:
+        assert model in reason and "could not be prepared" in reason and "backbone=tiny" in reason, reason
+    assert (edits.model_revision == f"uncached:{model}@main").all()
+    assert len(read_scores(outcome)) == 0
+    return edits

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -171,3 +170,15 @@ def test_weights_command_lists_present_and_missing(monkeypatch, capsys):
     assert main(["weights", "pie_bench"]) == 0
     out = capsys.readouterr().out
     assert "structure_distance" in out and "lpips" in out and "squeezenet1_1" in out
+
+
+def test_weights_command_lists_the_experiments_method_models(empty_hub, capsys):
+    assert main(["weights", "experiment=default"]) == 0
+    out = capsys.readouterr().out
+    assert "experiment default (protocol default):" in out
+    assert "present  method identity: needs no weights" in out
+    assert "MISSING  method instruct_pix2pix: timbrooks/instruct-pix2pix: not in the Hugging Face hub cache" in out
+    assert "MISSING  method sdedit: stable-diffusion-v1-5/stable-diffusion-v1-5" in out
+    assert "method model(s) missing" in out
+    assert main(["weights", "experiment=nope"]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err

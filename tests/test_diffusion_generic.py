@@ -4,10 +4,7 @@ Runs on ``backbone=tiny`` (random-weight tiny pipelines of the real diffusers cl
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pandas as pd
 import pytest
 from PIL import Image
 
@@ -21,7 +18,8 @@ from harness.types import Sample
 from methods._diffusion_common import RANDOM_WEIGHTS_TAG
 from methods.diffusers_pipeline import DiffusersPipeline
 
-from .conftest import PIXEL_L1, job_config
+from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config, read_edits,
+                       run_tiny_job)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -46,19 +44,14 @@ IP2P = {
 PIXEL = PIXEL_L1
 
 
-def _edits(outcome) -> pd.DataFrame:
-    return pd.read_parquet(outcome.job_dir / "edits.parquet")
-
-
 def _pngs(results, outcome) -> dict[str, bytes]:
     store = EditStore(results / "test" / "edits")
-    e = _edits(outcome)
+    e = read_edits(outcome)
     return {sid: (store.folder(k) / "edit.png").read_bytes() for sid, k in zip(e.sample_id, e.edit_key)}
 
 
 def _two_samples(builder) -> None:
-    builder.add_simple("a", h=48, w=64, seed=1, instruction="make it blue")
-    builder.add_simple("b", h=40, w=36, seed=2, instruction="turn it green")
+    add_two_samples(builder, a={"instruction": "make it blue"}, b={"instruction": "turn it green"})
 
 
 def _method(cfg: dict) -> DiffusersPipeline:
@@ -69,41 +62,25 @@ def _method(cfg: dict) -> DiffusersPipeline:
 def test_img2img_from_config_matches_sdedit_byte_for_byte(builder, tmp_path):
     _two_samples(builder)
     res = tmp_path / "res"
-    generic = run_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL))
-    assert generic.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(generic).reason.tolist()
-    assert generic.computed == 2 and generic.scored == 2
-    edits = _edits(generic).set_index("sample_id")
-    assert (edits.model_revision == "tiny-random-sd15").all()
-    assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
-    store = EditStore(res / "test" / "edits")
-    for sid, (h, w) in {"a": (48, 64), "b": (40, 36)}.items():
-        folder = store.folder(edits.loc[sid, "edit_key"])
-        with Image.open(folder / "edit.png") as im:
-            assert im.size == (w, h) and im.mode == "RGB"
-        info = json.loads((folder / "edit.json").read_text())["info"]
+    run = run_tiny_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL), "sd15")
+    for _, info in run.records.values():
         assert info["pipeline"] == "diffusers.StableDiffusionImg2ImgPipeline"
         assert info["pipeline_class"].endswith("StableDiffusionImg2ImgPipeline")
         assert info["call_args"] == {"strength": 0.8}
         assert info["inputs"] == {"image": "source", "prompt": "target_caption"}
-        assert info["steps"] == 2 and info["working_size_hw"] == [32, 32] and info["random_weights"] is True
         assert info["texts"] == {"prompt": "a blue thing"}
-    scores = pd.read_parquet(generic.job_dir / "scores.parquet")
-    assert set(scores.metric) == {"l1"} and (scores.query("region == 'all'").value > 0).all()
-
-    again = run_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL))
-    assert again.computed == 0 and again.cached == 2 and again.scored == 0
 
     sdedit = {"name": "sdedit", "strength": 0.8, "guidance_scale": 7.5, **FAST}
     ref = run_job(job_config(builder.config(), tmp_path / "ref", method=sdedit, metrics=PIXEL))
     assert ref.counts["ok"] == 2
-    assert _pngs(res, generic) == _pngs(tmp_path / "ref", ref)  # a config reproduces the adapter
+    assert _pngs(res, run.outcome) == _pngs(tmp_path / "ref", ref)  # a config reproduces the adapter
 
 
 def test_instruct_pix2pix_from_config_runs(builder, tmp_path):
     _two_samples(builder)
     out = run_job(job_config(builder.config(), tmp_path / "res", method=IP2P, metrics=PIXEL))
-    assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(out).reason.tolist()
-    assert (_edits(out).model_revision == "tiny-random-ip2p").all()
+    assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, read_edits(out).reason.tolist()
+    assert (read_edits(out).model_revision == "tiny-random-ip2p").all()
     ref = run_job(job_config(builder.config(), tmp_path / "ref", metrics=PIXEL,
                              method={"name": "instruct_pix2pix", **FAST}))
     assert _pngs(tmp_path / "res", out) == _pngs(tmp_path / "ref", ref)
@@ -115,11 +92,7 @@ def test_sample_lacking_a_mapped_field_is_skipped_naming_it(builder, tmp_path):
     builder.add_simple("blank", source_caption="  ")
     cfg = {**IMG2IMG, "inputs": {"image": "source", "prompt": "target_caption", "negative_prompt": "source_caption"}}
     out = run_job(job_config(builder.config(), tmp_path / "res", method=cfg, metrics=PIXEL))
-    assert out.counts == {"ok": 1, "skipped": 2, "failed": 0}
-    edits = _edits(out).set_index("sample_id")
-    for sid in ("nocap", "blank"):
-        reason = edits.loc[sid, "reason"]
-        assert edits.loc[sid, "status"] == "skipped" and "source_caption" in reason and sid in reason
+    assert_skipped(out, {"nocap": "source_caption", "blank": "source_caption"})
     assert _method(cfg).requires == ("source", "target_caption", "source_caption")
 
 
@@ -127,10 +100,7 @@ def test_missing_weights_skip_naming_the_model(builder, tmp_path, empty_hub):
     _two_samples(builder)
     cfg = {**IMG2IMG, "backbone": "real", "model": "someone/not-cached-model"}
     out = run_job(job_config(builder.config(), tmp_path / "res", method=cfg, metrics=PIXEL))
-    assert out.counts == {"ok": 0, "skipped": 2, "failed": 0}
-    for reason in _edits(out).reason:
-        assert "someone/not-cached-model" in reason and "could not be prepared" in reason
-    assert (_edits(out).model_revision == "uncached:someone/not-cached-model@main").all()
+    assert_missing_weights(out, "someone/not-cached-model")
 
 
 # -- configuration errors ------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_schedule_matches_diffusers_ddim(parts):
     d.set_timesteps(5)
     x, eps = _z0(1), _z0(2)
     ref = d.step(eps, 601, x, eta=0.0).prev_sample
-    ours = inv._ddim_move(x, eps, s.alpha(601), s.alpha(401))
+    ours = inv.ddim_move(x, eps, s.alpha(601), s.alpha(401))
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
         inv.make_schedule(parts["scheduler"], 0)

@@ -5,24 +5,23 @@ Everything runs on ``backbone=tiny``: random-weight tiny pipelines of the real d
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 import methods  # noqa: F401  (registers the methods)
 from harness.cache import EditStore
 from harness.cli import main
 from harness.method import ParamError
 from harness.registry import METHODS
+from harness.report import write_report
 from harness.runner import run_job
-from methods._diffusion_common import RANDOM_WEIGHTS_TAG, working_size
+from methods._diffusion_common import RANDOM_WEIGHTS_TAG, DiffusionMethod, working_size
 from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
-from .conftest import PIXEL_L1, job_config
+from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config, read_edits,
+                       run_tiny_job, textured)
 
 # method -> (tiny backbone kind, the sample field holding its prompt)
 METHODS_UNDER_TEST = {
@@ -37,22 +36,13 @@ PIXEL = PIXEL_L1
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _edits(outcome) -> pd.DataFrame:
-    return pd.read_parquet(outcome.job_dir / "edits.parquet")
-
-
-def _scores(outcome) -> pd.DataFrame:
-    return pd.read_parquet(outcome.job_dir / "scores.parquet")
-
-
 def _edit_files(results: Path, keys) -> dict[str, bytes]:
     store = EditStore(results / "test" / "edits")
     return {k: (store.folder(k) / "edit.png").read_bytes() for k in keys}
 
 
 def _two_samples(builder) -> None:
-    builder.add_simple("a", h=48, w=64, category="change_color", seed=1, instruction="make it blue")
-    builder.add_simple("b", h=40, w=36, category="change_color", seed=2, instruction="turn it green")
+    add_two_samples(builder, a={"instruction": "make it blue"}, b={"instruction": "turn it green"})
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -86,62 +76,67 @@ def test_tiny_edit_cached_scored_labelled_and_seeded(name, builder, tmp_path):
     kind, prompt_field = METHODS_UNDER_TEST[name]
     _two_samples(builder)
     method = {"name": name, **FAST}
-    cfg = job_config(builder.config(), tmp_path / "res", method=method, metrics=PIXEL)
-    first = run_job(cfg)
-    assert first.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(first).reason.tolist()
-    assert first.computed == 2 and first.scored == 2
-
-    edits = _edits(first).set_index("sample_id")
-    assert (edits.model_revision == f"tiny-random-{kind}").all()
-    assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
-    assert (edits.infer_seconds > 0).all()
-    store = EditStore(tmp_path / "res" / "test" / "edits")
-    for sid, (h, w) in {"a": (48, 64), "b": (40, 36)}.items():
-        folder = store.folder(edits.loc[sid, "edit_key"])
-        with Image.open(folder / "edit.png") as im:
-            assert im.size == (w, h) and im.mode == "RGB"
-        info = json.loads((folder / "edit.json").read_text())["info"]
-        assert info["weights"] == RANDOM_WEIGHTS_LABEL and info["random_weights"] is True
-        assert info["revision"] == f"tiny-random-{kind}" and info["steps"] == 2
-        assert info["working_size_hw"] == [32, 32] and info["prompt_field"] == prompt_field
-
-    scores = _scores(first)
-    assert set(scores.metric) == {"l1"} and set(scores.sample_id) == {"a", "b"}
-    assert np.isfinite(scores.query("region == 'all'").value).all()
-    assert (scores.query("region == 'all'").value > 0).all()  # random weights: the image changed
-
-    again = run_job(cfg)
-    assert again.computed == 0 and again.cached == 2 and again.scored == 0
+    run = run_tiny_job(job_config(builder.config(), tmp_path / "res", method=method, metrics=PIXEL), kind)
+    assert (run.edits.infer_seconds > 0).all()
+    for _, info in run.records.values():
+        assert info["prompt_field"] == prompt_field
 
     # Same seed in a fresh cache: byte-identical edit files. Another seed: different edits.
-    keys = list(edits.edit_key)
+    keys = list(run.edits.edit_key)
     other = run_job(job_config(builder.config(), tmp_path / "res2", method=method, metrics=PIXEL))
     assert other.computed == 2
     assert _edit_files(tmp_path / "res", keys) == _edit_files(tmp_path / "res2", keys)
     reseeded = run_job(job_config(builder.config(), tmp_path / "res3", method=method, metrics=PIXEL, seed=1))
-    new_keys = list(_edits(reseeded).edit_key)
+    new_keys = list(read_edits(reseeded).edit_key)
     assert set(new_keys).isdisjoint(keys)
     assert _edit_files(tmp_path / "res3", new_keys) != _edit_files(tmp_path / "res", keys)
 
 
 # Every diffusion adapter whose default is a real hub model (the generic adapter has none).
-REAL_MODEL_ADAPTERS = sorted({*METHODS_UNDER_TEST, "diffedit", "sd_inpaint"})
+REAL_MODEL_ADAPTERS = sorted(n for n in METHODS.names()
+                             if issubclass(METHODS.get(n), DiffusionMethod) and n != "diffusers_pipeline")
 
 
 @pytest.mark.parametrize("name", REAL_MODEL_ADAPTERS)
 def test_uncached_real_model_skips_every_sample(name, builder, tmp_path, empty_hub):
-    _two_samples(builder)
+    ref = builder.image("images/ref.png", textured(24, 24, 9))  # every field an adapter may need
+    for sid, seed in (("a", 1), ("b", 2)):
+        builder.add_simple(sid, seed=seed, reference=ref)
     model = METHODS.get(name).Params().model
     cfg = job_config(builder.config(), tmp_path / "res", method={"name": name, "num_inference_steps": 2},
                      metrics=PIXEL)
-    out = run_job(cfg)
-    assert out.counts == {"ok": 0, "skipped": 2, "failed": 0}
-    edits = _edits(out)
-    assert (edits.status == "skipped").all()
-    for reason in edits.reason:
-        assert model in reason and "backbone=tiny" in reason and "could not be prepared" in reason
-    assert (edits.model_revision == f"uncached:{model}@main").all()
-    assert len(_scores(out)) == 0
+    assert_missing_weights(run_job(cfg), model)
+    # the same check without loading, as `edit-harness weights` reports it
+    (what, problem), = METHODS.get(name)().weights_status()
+    assert what == model and "not in the Hugging Face hub cache" in problem and "backbone=tiny" in problem
+
+
+def test_unscored_method_has_a_report_row_naming_the_model(builder, tmp_path, empty_hub):
+    _two_samples(builder)
+    run_job(job_config(builder.config(), tmp_path / "res", method={"name": "sdedit"}, metrics=PIXEL))
+    run_job(job_config(builder.config(), tmp_path / "res", method={"name": "identity"}, metrics=PIXEL))
+    files = write_report(tmp_path / "res" / "test", tmp_path / "report")
+    table = files["table.md"].read_text()
+    section = table.split("## Not scored: every edit skipped or failed", 1)[1]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| sdedit")]
+    assert len(rows) == 1 and "| 2 | 2 | 0 |" in rows[0]
+    assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in rows[0] and "MissingWeights" in rows[0]
+    assert "| identity" not in section  # scored methods are in the table above, not here
+    assert "| identity" in table.split("## Not scored")[0]
+
+
+def test_weights_status_tiny_and_local(tmp_path):
+    cls = METHODS.get("sdedit")
+    (what, problem), = cls(cls.parse_params({"backbone": "tiny"})).weights_status()
+    assert problem is None and RANDOM_WEIGHTS_LABEL in what
+    (what, problem), = cls(cls.parse_params({"model": str(tmp_path / "nope")})).weights_status()
+    assert "local folder does not exist" in problem
+    (tmp_path / "here").mkdir()
+    (what, problem), = cls(cls.parse_params({"model": str(tmp_path / "here")})).weights_status()
+    assert "model_index.json" in problem  # a folder, but not a diffusers pipeline folder
+    (tmp_path / "here" / "model_index.json").write_text("{}")
+    (what, problem), = cls(cls.parse_params({"model": str(tmp_path / "here")})).weights_status()
+    assert problem is None
 
 
 @pytest.mark.parametrize("name", sorted(METHODS_UNDER_TEST))
@@ -151,12 +146,7 @@ def test_sample_without_prompt_field_is_skipped(name, builder, tmp_path):
     builder.add_simple("nofield", **{field: None})
     builder.add_simple("blank", **{field: "   "})
     out = run_job(job_config(builder.config(), tmp_path / "res", method={"name": name, **FAST}, metrics=PIXEL))
-    assert out.counts == {"ok": 1, "skipped": 2, "failed": 0}
-    edits = _edits(out).set_index("sample_id")
-    assert edits.loc["ok", "status"] == "ok"
-    for sid in ("nofield", "blank"):
-        reason = edits.loc[sid, "reason"]
-        assert edits.loc[sid, "status"] == "skipped" and field in reason and sid in reason
+    assert_skipped(out, {"nofield": field, "blank": field})
 
 
 def test_cli_run_with_tiny_backbone(tmp_path):

@@ -5,23 +5,16 @@ Everything runs on ``backbone=tiny``: random-weight tiny pipelines of the real d
 """
 from __future__ import annotations
 
-import json
-
-import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
 
 import methods.diffedit  # noqa: F401  (registers diffedit)
 import methods.sd_inpaint  # noqa: F401  (registers sd_inpaint)
-from harness.cache import EditStore
 from harness.method import ParamError
 from harness.registry import METHODS
 from harness.runner import run_job
-from methods._diffusion_common import RANDOM_WEIGHTS_TAG
-from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL, TINY_KINDS, tiny_kind_for
+from methods.diffusion.tiny import TINY_KINDS, tiny_kind_for
 
-from .conftest import PIXEL_L1, job_config
+from .conftest import PIXEL_L1, TWO_SIZES, add_two_samples, assert_skipped, job_config, read_scores, run_tiny_job
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -32,24 +25,10 @@ METHODS_UNDER_TEST = {
 }
 FAST = {"backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
 PIXEL = PIXEL_L1
-SIZES = {"a": (48, 64), "b": (40, 36)}
 
 
 def _method(name: str, **extra) -> dict:
     return {"name": name, **FAST, **METHODS_UNDER_TEST[name][1], **extra}
-
-
-def _edits(outcome) -> pd.DataFrame:
-    return pd.read_parquet(outcome.job_dir / "edits.parquet")
-
-
-def _scores(outcome) -> pd.DataFrame:
-    return pd.read_parquet(outcome.job_dir / "scores.parquet")
-
-
-def _two_samples(builder) -> None:
-    builder.add_simple("a", h=48, w=64, category="change_color", seed=1)
-    builder.add_simple("b", h=40, w=36, category="change_color", seed=2)
 
 
 # -- parameters and tiny kinds -------------------------------------------------------------------
@@ -90,23 +69,11 @@ def test_tiny_inpaint_kind():
 @pytest.mark.parametrize("name", sorted(METHODS_UNDER_TEST))
 def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path):
     kind = METHODS_UNDER_TEST[name][0]
-    _two_samples(builder)
-    cfg = job_config(builder.config(), tmp_path / "res", method=_method(name), metrics=PIXEL)
-    first = run_job(cfg)
-    assert first.counts == {"ok": 2, "skipped": 0, "failed": 0}, _edits(first).reason.tolist()
-    assert first.computed == 2 and first.scored == 2
-
-    edits = _edits(first).set_index("sample_id")
-    assert (edits.model_revision == f"tiny-random-{kind}").all()
-    assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
-    store = EditStore(tmp_path / "res" / "test" / "edits")
-    for sid, (h, w) in SIZES.items():
-        rec = store.get(edits.loc[sid, "edit_key"])
-        with Image.open(rec.folder / "edit.png") as im:
-            assert im.size == (w, h) and im.mode == "RGB"
-        info = json.loads((rec.folder / "edit.json").read_text())["info"]
-        assert info["weights"] == RANDOM_WEIGHTS_LABEL and info["steps"] == 2
-        assert info["working_size_hw"] == [32, 32] and info["prompt"] == "a blue thing"
+    add_two_samples(builder)
+    run = run_tiny_job(job_config(builder.config(), tmp_path / "res", method=_method(name), metrics=PIXEL), kind)
+    for sid, (h, w) in TWO_SIZES.items():
+        rec, info = run.records[sid]
+        assert info["prompt"] == "a blue thing"
         mask = rec.mask()  # the method's mask, on the source grid
         assert mask is not None and mask.shape == (h, w)
         if name == "diffedit":
@@ -115,24 +82,16 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path):
         else:
             assert info["paste_back"] is True and info["strength"] == 1.0
 
-    scores = _scores(first)
-    assert set(scores.metric) == {"l1"} and set(scores.sample_id) == {"a", "b"}
-    assert np.isfinite(scores.query("region == 'all'").value).all()
-    assert (scores.query("region == 'all'").value > 0).all()  # random weights: the image changed
-
-    again = run_job(cfg)
-    assert again.computed == 0 and again.cached == 2 and again.scored == 0
-
 
 def test_sd_inpaint_paste_back(builder, tmp_path):
-    _two_samples(builder)
+    add_two_samples(builder)
     l1 = {}
     for paste in (True, False):
         out = run_job(job_config(builder.config(), tmp_path / f"res-{paste}",
                                  method=_method("sd_inpaint", paste_back=paste), metrics=PIXEL))
         assert out.counts["ok"] == 2
-        l1[paste] = _scores(out).set_index(["sample_id", "region"]).value
-    for sid in SIZES:
+        l1[paste] = read_scores(out).set_index(["sample_id", "region"]).value
+    for sid in TWO_SIZES:
         assert l1[True][(sid, "unedited")] == 0.0  # outside the mask: exactly the source
         assert l1[True][(sid, "edited")] > 0.0
         assert l1[False][(sid, "unedited")] > 0.0  # the whole image went through the VAE
@@ -149,13 +108,7 @@ def test_sample_without_a_required_field_is_skipped(name, field, builder, tmp_pa
     if field != "mask":
         builder.add_simple("blank", **{field: "   "})
     out = run_job(job_config(builder.config(), tmp_path / "res", method=_method(name), metrics=PIXEL))
-    edits = _edits(out).set_index("sample_id")
-    assert edits.loc["ok", "status"] == "ok", edits.loc["ok", "reason"]
-    skipped = [sid for sid in edits.index if sid != "ok"]
-    assert out.counts == {"ok": 1, "skipped": len(skipped), "failed": 0}
-    for sid in skipped:
-        reason = edits.loc[sid, "reason"]
-        assert edits.loc[sid, "status"] == "skipped" and field in reason and sid in reason
+    assert_skipped(out, {"nofield": field} if field == "mask" else {"nofield": field, "blank": field})
 
 
 # The missing-weights skip of these adapters is tested with the others in test_diffusion_methods.py.

@@ -68,7 +68,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import tempfile
 import threading

@@ -14,7 +14,9 @@ diffusers' default ``AttnProcessor`` computes and, at three points, hands an
     after the softmax, ``(B*heads, N_q, N_k)``; a controller may return new
     probabilities. Prompt-to-Prompt (Hertz et al., ICLR 2023,
     ``google/prompt-to-prompt`` ``ptp_utils.py`` / ``AttentionControlEdit``)
-    capture and word-swap replacement live here.
+    capture, word-swap replacement, refinement and reweighting live here
+    (:class:`LocalBlend`, P2P's latent blending from the captured maps, runs
+    between denoising steps, outside the processor).
 ``"out"``
     after the output projection (``to_out``), ``(B, N, C)``, before the 4-D
     reshape, the residual connection and the output rescale; a controller may
@@ -64,7 +66,9 @@ __all__ = [
     "ControllerList",
     "EditingAttnProcessor",
     "InjectSelfAttentionController",
+    "LocalBlend",
     "MutualSelfAttentionController",
+    "RefineCrossAttentionController",
     "ReplaceCrossAttentionController",
     "attention_control",
     "install",
@@ -714,6 +718,12 @@ class ReplaceCrossAttentionController(AttentionController):
     weights overriding the window (P2P's per-word ``cross_replace_steps`` dict);
     result = ``alpha * replaced + (1 - alpha) * edit``. ``guidance``: which CFG
     halves are edited (P2P edits only the conditional half).
+
+    ``equalizer``: optional ``(K,)`` or ``(n_edits, K)`` per-token scales
+    multiplied into the replaced cross-attention (P2P's ``AttentionReweight``
+    wrapping a replace/refine controller: ``replaced * equalizer``, applied
+    only inside the cross-replace window, probabilities not renormalised).
+    Subclasses change the mapping by overriding :meth:`map_cross`.
     """
 
     def __init__(
@@ -725,6 +735,7 @@ class ReplaceCrossAttentionController(AttentionController):
         self_max_tokens: int = 16 * 16,
         token_alpha: Any = None,
         guidance: Sequence[str] = ("cond", "none"),
+        equalizer: Any = None,
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -735,13 +746,28 @@ class ReplaceCrossAttentionController(AttentionController):
         self.self_max_tokens = self_max_tokens
         self.token_alpha = token_alpha
         self.guidance = tuple(guidance)
+        self.equalizer = equalizer
 
     def needs_probs(self, ctx: AttentionContext) -> bool:
+        """Cross-attention always; self-attention only where it is replaced (the other
+        self-attention layers keep the memory-saving path)."""
+        if ctx.kind == "self":
+            return self.self_window[0] <= ctx.step < self.self_window[1] and ctx.n_query <= self.self_max_tokens
         return True
 
     def _edit_pairs(self, ctx: AttentionContext) -> list[tuple[int, int, int]]:
         """(edit row, source row, edit number starting at 0)."""
         return [(r, ctx.layout.source_row(r), ctx.layout.branches[r] - 1) for r in ctx.layout.edit_rows(self.guidance)]
+
+    def map_cross(self, source: "torch.Tensor", edit: "torch.Tensor", e: int) -> "torch.Tensor":
+        """The edit row's new cross-attention ``(heads, N_q, K)`` from the source
+        row's ``source`` (and its own ``edit``) for edit number ``e``:
+        ``einsum('hpw,wn->hpn', source, mapper[e])`` (P2P ``AttentionReplace``)."""
+        import torch
+
+        mapper = torch.as_tensor(self.mapper).to(source)
+        m = mapper if mapper.ndim == 2 else mapper[e]
+        return torch.einsum("hpw,wn->hpn", source, m)
 
     def on_probs(self, ctx: AttentionContext) -> "torch.Tensor | None":
         import torch
@@ -764,16 +790,162 @@ class ReplaceCrossAttentionController(AttentionController):
             alpha_all = None
         else:
             return None
-        mapper = torch.as_tensor(self.mapper).to(p)
         new = p.clone()
         for r, s, e in self._edit_pairs(ctx):
-            m = mapper if mapper.ndim == 2 else mapper[e]
-            replaced = torch.einsum("hpw,wn->hpn", p[ctx.head_rows(s)], m)
+            replaced = self.map_cross(p[ctx.head_rows(s)], p[ctx.head_rows(r)], e)
+            if self.equalizer is not None:
+                eq = torch.as_tensor(self.equalizer).to(p)
+                eq = eq if eq.ndim == 1 else eq[e]
+                replaced = replaced * eq.reshape(1, 1, -1)
             if alpha_all is not None:
                 a = alpha_all[e].reshape(1, 1, -1)
                 replaced = a * replaced + (1 - a) * p[ctx.head_rows(r)]
             new[ctx.head_rows(r)] = replaced
         return new
+
+
+class RefineCrossAttentionController(ReplaceCrossAttentionController):
+    """Prompt-to-Prompt prompt refinement (``AttentionRefine``): the prompts
+    differ by added/removed tokens, so each edit token either has an aligned
+    source token or none.
+
+    ``mapper``: ``(K,)`` or ``(n_edits, K)`` integer index of the source token
+    aligned with every edit token (any value where there is none);
+    ``alphas``: same shape, 1 where a source token is aligned, 0 where not.
+    The edit row's cross-attention becomes
+    ``source[..., mapper] * alphas + edit * (1 - alphas)``: aligned tokens take
+    the source's maps, new tokens keep their own. Everything else (windows,
+    self-attention replacement, ``token_alpha``, ``equalizer``, ``guidance``)
+    is :class:`ReplaceCrossAttentionController`'s.
+    """
+
+    def __init__(self, mapper: Any, alphas: Any, num_steps: int, **kw: Any) -> None:
+        super().__init__(mapper, num_steps, **kw)
+        self.alphas = alphas
+
+    def map_cross(self, source: "torch.Tensor", edit: "torch.Tensor", e: int) -> "torch.Tensor":
+        import torch
+
+        idx = torch.as_tensor(self.mapper, device=source.device).long()
+        idx = idx if idx.ndim == 1 else idx[e]
+        alpha = torch.as_tensor(self.alphas).to(source)
+        alpha = (alpha if alpha.ndim == 1 else alpha[e]).reshape(1, 1, -1)
+        idx = idx.clamp(0, source.shape[-1] - 1)  # unaligned tokens: alpha 0, index unused
+        return source[..., idx] * alpha + edit * (1 - alpha)
+
+
+class LocalBlend:
+    """Prompt-to-Prompt's ``LocalBlend``: after each denoising step, keep the
+    source branch's latents outside the region the edited words attend to.
+
+    ``word_alpha``: ``(n_branches, K)`` 0/1 weights of the blend words' tokens
+    in every branch's prompt (branch 0 = source). The mask of a branch is its
+    cross-attention maps from ``store`` (summed over the steps so far, rows as
+    stored by a :class:`CaptureController` with ``rows="cond"``: one per
+    branch) at the token grid ``grid`` in ``places``, weighted by
+    ``word_alpha`` and summed over tokens, averaged over heads and layers,
+    max-pooled with a ``(2 * pool + 1)`` square window (stride 1), resized
+    (nearest) to the latent grid, divided by its maximum and thresholded
+    (``> threshold``); every edit branch's mask is united with the source's.
+    Then ``x = mask * x + (1 - mask) * x[0]``: exactly the source where the
+    mask is 0, the edit where it is 1. Blending starts at step ``start_step``.
+
+    P2P's values (``null_text_w_ptp.ipynb`` / ``prompt-to-prompt_stable.ipynb``):
+    threshold 0.3, pool 1 (3x3), ``start_blend=0.2`` of the steps, maps at
+    16 x 16 (a quarter of SD's 64 x 64 latent) from the down and up blocks.
+    ``grid=None`` picks the stored down/up grid closest to a quarter of the
+    latent size (the coarsest one when none is that coarse).
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        word_alpha: Any,
+        threshold: float = 0.3,
+        start_step: int = 0,
+        pool: int = 1,
+        grid: tuple[int, int] | None = None,
+        places: Sequence[str] = ("down", "up"),
+    ) -> None:
+        self.store = store
+        self.word_alpha = word_alpha
+        self.threshold = threshold
+        self.start_step = start_step
+        self.pool = pool
+        self.grid = grid
+        self.places = tuple(places)
+        self.last_mask: "torch.Tensor | None" = None
+        self.used_grid: tuple[int, int] | None = None
+
+    def pick_grid(self, latent_hw: tuple[int, int]) -> tuple[int, int]:
+        """The token grid the maps are read at (see the class docstring)."""
+        if self.grid is not None:
+            return self.grid
+        h, w = latent_hw
+        target = max(1, (h // 4) * (w // 4))
+        sizes = sorted({int(m.shape[1]) for n, m in self.store.sums.items()
+                        if self.store.meta[n][0] in self.places and self.store.meta[n][1] == "cross"})
+        if not sizes:
+            raise ValueError("LocalBlend: no cross-attention maps stored in " + str(self.places))
+        at_most = [n for n in sizes if n <= target]
+        n = max(at_most) if at_most else min(sizes)
+        # the layer grids keep the latent's aspect: side = sqrt(n * aspect)
+        gh = max(1, round((n * h / w) ** 0.5))
+        return gh, n // gh
+
+    def maps(self, latent_hw: tuple[int, int]) -> "torch.Tensor":
+        """``(n_branches, L * heads, gh, gw, K)``: the stored cross maps at the grid."""
+        import torch
+
+        gh, gw = self.pick_grid(latent_hw)
+        self.used_grid = (gh, gw)
+        picked = []
+        for name, m in self.store.sums.items():
+            place, kind, heads = self.store.meta[name]
+            if place not in self.places or kind != "cross" or m.shape[1] != gh * gw:
+                continue
+            rows = m.shape[0] // heads
+            picked.append(m.reshape(rows, heads, gh, gw, m.shape[-1]))
+        if not picked:
+            raise ValueError(f"LocalBlend: no stored cross maps at {gh}x{gw}")
+        return torch.cat(picked, dim=1)
+
+    def compute_mask(self, latent_hw: tuple[int, int]) -> "torch.Tensor":
+        """``(n_branches, 1, H, W)`` 0/1 mask (float) from the stored maps."""
+        import torch
+        import torch.nn.functional as F
+
+        maps = self.maps(latent_hw)
+        alpha = torch.as_tensor(self.word_alpha).to(maps)
+        if alpha.shape[0] != maps.shape[0] or alpha.shape[-1] != maps.shape[-1]:
+            raise ValueError(f"LocalBlend: word_alpha {tuple(alpha.shape)} does not fit maps {tuple(maps.shape)}")
+        m = (maps * alpha[:, None, None, None, :]).sum(-1).mean(1)[:, None]  # (B, 1, gh, gw)
+        if self.pool > 0:
+            k = self.pool
+            m = F.max_pool2d(m, (2 * k + 1, 2 * k + 1), (1, 1), padding=(k, k))
+        m = F.interpolate(m, size=tuple(latent_hw))  # nearest, as P2P
+        peak = m.amax(dim=(2, 3), keepdim=True).clamp_min(torch.finfo(m.dtype).tiny)
+        mask = (m / peak) > self.threshold
+        mask = mask[:1] | mask
+        return mask.to(maps.dtype)
+
+    @staticmethod
+    def apply(latents: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+        """``mask * latents + (1 - mask) * latents[0]`` (P2P's ``x[:1] + mask * (x - x[:1])``
+        written so that a 0/1 mask gives the source or the edit bit for bit); row 0 (source)
+        unchanged."""
+        mask = mask.to(latents)
+        out = mask * latents + (1 - mask) * latents[:1]
+        out[0] = latents[0]
+        return out
+
+    def __call__(self, latents: "torch.Tensor", step: int) -> "torch.Tensor":
+        """Blend the latents after denoising step ``step`` (0-based)."""
+        if step < self.start_step:
+            return latents
+        mask = self.compute_mask(tuple(latents.shape[-2:]))
+        self.last_mask = mask
+        return self.apply(latents, mask)
 
 
 # ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@ text embeddings (no pipeline class is assumed), all in the VAE's latent space:
 
 - :func:`ddim_invert` / :func:`ddim_sample`: deterministic DDIM inversion and sampling
   (Song et al., ICLR 2021; the convention of prompt-to-prompt's ``ddim_loop`` and diffusers'
-  ``DDIMInverseScheduler``).
+  ``DDIMInverseScheduler``); :func:`ddim_sample_batch` samples several prompts side by side in
+  one UNet batch (for attention-editing controllers).
 - :func:`null_text_invert`: null-text inversion (Mokady et al., "Null-text Inversion for Editing
   Real Images using Guided Diffusion Models", CVPR 2023; reference code
   ``google/prompt-to-prompt/null_text_w_ptp.ipynb``).
@@ -45,11 +46,14 @@ __all__ = [
     "DDIMSchedule",
     "make_schedule",
     "encode_prompt",
+    "encode_prompt_sdxl",
+    "PooledTextUNet",
     "encode_image",
     "decode_latents",
     "predict_eps",
     "ddim_invert",
     "ddim_sample",
+    "ddim_sample_batch",
     "null_text_invert",
     "ddpm_edit_friendly_invert",
     "ddpm_sample_with_noise",
@@ -120,7 +124,7 @@ def encode_prompt(pipe: Any, prompt: str | Sequence[str]) -> "torch.Tensor":
     Tokenises to the tokenizer's full context length (padding to ``model_max_length``, as the
     SD pipelines and prompt-to-prompt do, so ``encode_prompt(pipe, "")`` is the usual
     unconditional "null-text" embedding) and returns the text encoder's last hidden state.
-    SDXL (two encoders, pooled embeddings) is out of scope here.
+    SDXL (two encoders, pooled embeddings): :func:`encode_prompt_sdxl` and :class:`PooledTextUNet`.
     """
     import torch
 
@@ -139,6 +143,69 @@ def encode_prompt(pipe: Any, prompt: str | Sequence[str]) -> "torch.Tensor":
     with torch.no_grad():
         out = enc(tok.input_ids.to(device))
     return out[0]
+
+
+def encode_prompt_sdxl(
+    pipe: Any, prompt: str | Sequence[str]
+) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """SDXL text conditioning through the pipeline's own ``encode_prompt`` (both text encoders,
+    penultimate hidden states concatenated, pooled projection of the second):
+    ``(embeds [B, 77, D], pooled [B, P], uncond [1, 77, D], uncond_pooled [1, P])``.
+
+    The unconditional pair is what the pipeline uses for classifier-free guidance without a
+    negative prompt: zeros when its ``force_zeros_for_empty_prompt`` is set (SDXL base), else the
+    encoding of ``""``. Pack a pair for the functions of this module with
+    :meth:`PooledTextUNet.pack` and call them with a :class:`PooledTextUNet`.
+    """
+    import torch
+
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    device = next(pipe.text_encoder_2.parameters()).device
+    with torch.no_grad():
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(
+            prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+    return emb, pooled, neg[:1], neg_pooled[:1]
+
+
+class PooledTextUNet:
+    """An SDXL UNet seen as an SD-like ``unet(x, t, encoder_hidden_states=emb)``, so that every
+    function of this module (inversions, null-text optimisation, samplers) works on SDXL unchanged.
+
+    The pooled text embedding travels inside the sequence: :meth:`pack` appends it to the token
+    embeddings as ``ceil(P / D)`` extra tokens (zero-padded); the call splits them off and passes
+    ``added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}`` to the real UNet (SDXL's
+    micro-conditioning: ``time_ids`` from the pipeline's ``_get_add_time_ids``). A null-text
+    optimisation of a packed unconditional embedding therefore optimises its pooled part too.
+    Attention processors are the real UNet's (:attr:`unet`): install controllers there.
+    """
+
+    def __init__(self, unet: Any, time_ids: "torch.Tensor", seq_len: int, pooled_dim: int) -> None:
+        self.unet = unet
+        self.time_ids = time_ids
+        self.seq_len = int(seq_len)
+        self.pooled_dim = int(pooled_dim)
+
+    @staticmethod
+    def pack(embeds: "torch.Tensor", pooled: "torch.Tensor") -> "torch.Tensor":
+        """``[B, L, D]`` + ``[B, P]`` -> ``[B, L + ceil(P / D), D]``."""
+        import torch
+
+        b, _, d = embeds.shape
+        n = -(-pooled.shape[-1] // d)
+        extra = torch.zeros(b, n * d, dtype=embeds.dtype, device=embeds.device)
+        extra[:, : pooled.shape[-1]] = pooled.to(embeds)
+        return torch.cat([embeds, extra.reshape(b, n, d)], dim=1)
+
+    def __call__(self, x: "torch.Tensor", t: Any, encoder_hidden_states: "torch.Tensor", **kw: Any) -> Any:
+        emb = encoder_hidden_states
+        b = emb.shape[0]
+        text = emb[:, : self.seq_len]
+        pooled = emb[:, self.seq_len :].reshape(b, -1)[:, : self.pooled_dim]
+        time_ids = self.time_ids.to(device=x.device, dtype=x.dtype)
+        time_ids = time_ids.expand(b, time_ids.shape[-1]) if time_ids.shape[0] == 1 else time_ids
+        return self.unet(x, t, encoder_hidden_states=text,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, **kw)
 
 
 def encode_image(pipe: Any, image: Any) -> "torch.Tensor":
@@ -210,7 +277,7 @@ def _unet(unet: Any, x: "torch.Tensor", t: int, emb: "torch.Tensor") -> "torch.T
     return unet(x, t, encoder_hidden_states=emb).sample
 
 
-def _ddim_move(x: "torch.Tensor", eps: "torch.Tensor", a_from: float, a_to: float) -> "torch.Tensor":
+def ddim_move(x: "torch.Tensor", eps: "torch.Tensor", a_from: float, a_to: float) -> "torch.Tensor":
     """Deterministic DDIM move (eta = 0) of ``x`` from noise level ``a_from`` to ``a_to``:
     ``x0 = (x - sqrt(1-a_from) eps) / sqrt(a_from)``; ``sqrt(a_to) x0 + sqrt(1-a_to) eps``.
     Used both downwards (sampling) and upwards (inversion)."""
@@ -261,7 +328,7 @@ def ddim_invert(
     with torch.no_grad():
         for t in ascending:
             eps = predict_eps(unet, z, t, cond, guidance_scale, uncond)
-            z = _ddim_move(z, eps, sched.alpha(sched.prev(t)), sched.alpha(t))
+            z = ddim_move(z, eps, sched.alpha(sched.prev(t)), sched.alpha(t))
             traj.append(z)
     return traj
 
@@ -299,7 +366,64 @@ def ddim_sample(
             t = sched.timesteps[i]
             u = uncond_per_step[i] if uncond_per_step is not None else uncond
             eps = predict_eps(unet, z, t, cond, guidance_scale, u)
-            z = _ddim_move(z, eps, sched.alpha(t), sched.alpha(sched.prev(t)))
+            z = ddim_move(z, eps, sched.alpha(t), sched.alpha(sched.prev(t)))
+    return z
+
+
+def ddim_sample_batch(
+    unet: Any,
+    scheduler_config: Any,
+    z_T: "torch.Tensor",
+    conds: "torch.Tensor",
+    num_steps: int,
+    guidance_scale: float = 1.0,
+    uncond: "torch.Tensor | None" = None,
+    uncond_per_step: Sequence["torch.Tensor"] | None = None,
+    callback: Any = None,
+) -> "torch.Tensor":
+    """Deterministic DDIM sampling of several prompts side by side from one start, in *one* UNet
+    call per step (the batch attention-editing methods need: Prompt-to-Prompt's
+    ``text2image_ldm_stable`` without ``low_resource``).
+
+    ``conds``: ``[B, L, D]`` text embeddings, one per branch (branch 0 is the source by
+    convention); ``z_T``: ``[1, C, h, w]`` (shared by every branch) or ``[B, C, h, w]``. With
+    ``guidance_scale != 1`` the UNet batch is ``[uncond x B, conds]`` (diffusers' CFG order, what
+    :meth:`methods.diffusion.attention.BatchLayout.cfg` describes) with ``uncond`` (or
+    ``uncond_per_step[i]`` at step ``i``, e.g. from :func:`null_text_invert`) broadcast to every
+    branch; with ``guidance_scale == 1`` only ``conds`` (``BatchLayout.plain``). The step is the
+    same arithmetic as :func:`ddim_sample`, whose single-prompt result it matches up to the
+    float rounding of batching. ``callback(latents, step) -> latents`` runs after every step
+    (e.g. :class:`methods.diffusion.attention.LocalBlend`). Attention control is the caller's
+    (install it on ``unet`` around this call). Returns the ``[B, C, h, w]`` final latents.
+    """
+    import torch
+
+    sched = _as_schedule(scheduler_config, num_steps)
+    if uncond_per_step is not None and len(uncond_per_step) != num_steps:
+        raise ValueError(f"uncond_per_step needs {num_steps} embeddings, got {len(uncond_per_step)}")
+    guided = guidance_scale != 1.0
+    if guided and uncond is None and uncond_per_step is None:
+        raise ValueError("guidance_scale != 1 needs an unconditional embedding (uncond or uncond_per_step)")
+    b = conds.shape[0]
+    z = z_T.detach()
+    if z.shape[0] == 1 and b > 1:
+        z = z.expand(b, *z.shape[1:])
+    z = z.clone()
+    conds = conds.detach().to(device=z.device, dtype=z.dtype)
+    with torch.no_grad():
+        for i, t in enumerate(sched.timesteps):
+            if guided:
+                u = uncond_per_step[i] if uncond_per_step is not None else uncond
+                u = u.detach().to(device=z.device, dtype=z.dtype)
+                u = u.expand(b, *u.shape[1:]) if u.shape[0] == 1 else u
+                out = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([u, conds])).sample
+                eps_u, eps_c = out.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            else:
+                eps = unet(z, t, encoder_hidden_states=conds).sample
+            z = ddim_move(z, eps, sched.alpha(t), sched.alpha(sched.prev(t)))
+            if callback is not None:
+                z = callback(z, i)
     return z
 
 
@@ -358,7 +482,7 @@ def null_text_invert(
             for _ in range(inner_steps):
                 eps_u = _unet(unet, z, t, u)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
-                loss = torch.nn.functional.mse_loss(_ddim_move(z, eps, a_t, a_prev), target)
+                loss = torch.nn.functional.mse_loss(ddim_move(z, eps, a_t, a_prev), target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -368,7 +492,7 @@ def null_text_invert(
         per_step.append(u.clone())
         with torch.no_grad():  # take the step with the optimised embedding (same arithmetic as ddim_sample)
             eps = predict_eps(unet, z, t, cond, guidance_scale, u)
-            z = _ddim_move(z, eps, a_t, a_prev)
+            z = ddim_move(z, eps, a_t, a_prev)
     return pivot[-1], per_step, pivot
 
 

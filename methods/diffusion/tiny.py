@@ -2,9 +2,11 @@
 
 Every factory builds the *real* diffusers / transformers classes (``UNet2DConditionModel``,
 ``AutoencoderKL``, ``CLIPTextModel``, ``CLIPTextModelWithProjection``, ``CLIPTokenizer``,
-``DDIMScheduler`` / ``EulerDiscreteScheduler``) from small configs, so a pipeline assembled from
-them runs the same code paths as Stable Diffusion 1.5, InstructPix2Pix and SDXL, only with a few
-thousand random parameters. Initialisation is seeded inside ``torch.random.fork_rng`` so the
+``DDIMScheduler`` / ``EulerDiscreteScheduler``, and for Paint-by-Example diffusers'
+``PaintByExampleImageEncoder`` with a transformers ``CLIPImageProcessor``) from small configs, so a
+pipeline assembled from them runs the same code paths as Stable Diffusion 1.5, InstructPix2Pix,
+SD inpainting, SDXL, SDXL inpainting and Paint-by-Example, only with a few thousand random
+parameters. Initialisation is seeded inside ``torch.random.fork_rng`` so the
 weights are identical in every process and the caller's RNG state is untouched.
 
 Outputs made with these backbones are noise: every result must carry
@@ -27,7 +29,7 @@ import threading
 from typing import Any
 
 RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (tiny backbone, smoke run)"
-TINY_KINDS = ("sd15", "ip2p", "sdxl", "inpaint")
+TINY_KINDS = ("sd15", "ip2p", "sdxl", "inpaint", "sdxl_inpaint", "paint_by_example")
 TINY_SEED = 0
 MODEL_MAX_LENGTH = 77  # the CLIP text context length, as in the real models
 
@@ -192,15 +194,16 @@ def _sd_unet(in_channels: int) -> Any:
     )
 
 
-def _sdxl_unet() -> Any:
+def _sdxl_unet(in_channels: int = 4) -> Any:
     """A two-level SDXL-style UNet: linear projections, ``text_time`` added conditioning whose
-    input size is 6 time ids x ``addition_time_embed_dim`` + the pooled text embedding (32)."""
+    input size is 6 time ids x ``addition_time_embed_dim`` + the pooled text embedding (32).
+    ``in_channels`` 9 = the SDXL inpainting layout (noisy latent + mask + masked-image latent)."""
     from diffusers import UNet2DConditionModel
 
     time_dim = 8
     return UNet2DConditionModel(
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -215,6 +218,40 @@ def _sdxl_unet() -> Any:
         cross_attention_dim=64,  # the two text encoders' hidden states concatenated (32 + 32)
         norm_num_groups=32,
     )
+
+
+# Paint-by-Example's example-image encoder: a CLIP vision tower (32 x 32 input, 4 x 4 patches),
+# whose projection (PROJ) is the UNet's cross-attention width, as 768 is in the real model.
+_PBE_IMAGE_SIZE = 32
+_PBE_PROJ = 32
+
+
+def _pbe_image_encoder() -> Any:
+    """diffusers' ``PaintByExampleImageEncoder`` on a small ``CLIPVisionConfig``: 5 vision layers,
+    so that its mapper has (5 + 1) // 5 = 1 transformer block, projecting to :data:`_PBE_PROJ`."""
+    from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
+    from transformers import CLIPVisionConfig
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        image_size=_PBE_IMAGE_SIZE,
+        patch_size=4,
+        projection_dim=_PBE_PROJ,
+        layer_norm_eps=1e-5,
+    )
+    return PaintByExampleImageEncoder(config, proj_size=_PBE_PROJ)
+
+
+def _pbe_feature_extractor() -> Any:
+    """A ``CLIPImageProcessor`` built in code (no download): CLIP's resize (shortest edge,
+    bicubic), center crop and OpenAI mean / std, at the tiny encoder's input size."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": _PBE_IMAGE_SIZE},
+                              crop_size={"height": _PBE_IMAGE_SIZE, "width": _PBE_IMAGE_SIZE})
 
 
 def _build(kind: str) -> dict[str, Any]:
@@ -232,14 +269,26 @@ def _build(kind: str) -> dict[str, Any]:
             parts: dict[str, Any] = dict(
                 unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_ddim_sd15()
             )
-        elif kind == "sdxl":
-            unet = _sdxl_unet()
+        elif kind in ("sdxl", "sdxl_inpaint"):
+            # sdxl: noisy latent; sdxl_inpaint: + mask (1) + masked-image latent (4)
+            unet = _sdxl_unet(in_channels={"sdxl": 4, "sdxl_inpaint": 9}[kind])
             vae = _vae(scaling_factor=0.13025)
             text_encoder = CLIPTextModel(_text_config(tokenizer))
             text_encoder_2 = CLIPTextModelWithProjection(_text_config(tokenizer, projection_dim=32))
             parts = dict(
                 unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                 tokenizer=tokenizer, tokenizer_2=copy.deepcopy(tokenizer), scheduler=_euler_sdxl(),
+            )
+        elif kind == "paint_by_example":
+            # Conditioned on the example image, not on text: no tokenizer / text encoder. The UNet
+            # is SD 1.5-inpainting-like (9 channels); its cross-attention width is the encoder's
+            # projection (32, like _sd_unet's cross_attention_dim).
+            image_encoder = _pbe_image_encoder()
+            unet = _sd_unet(in_channels=9)
+            assert unet.config.cross_attention_dim == image_encoder.proj_size
+            parts = dict(
+                unet=unet, vae=_vae(scaling_factor=0.18215), image_encoder=image_encoder,
+                feature_extractor=_pbe_feature_extractor(), scheduler=_ddim_sd15(),
             )
         else:
             raise ValueError(f"unknown tiny backbone kind {kind!r}; known: {', '.join(TINY_KINDS)}")
@@ -250,7 +299,7 @@ def _build(kind: str) -> dict[str, Any]:
 
 
 def tiny_components(kind: str) -> dict[str, Any]:
-    """Fresh copies of the tiny components of ``kind`` (``sd15`` | ``ip2p`` | ``sdxl`` | ``inpaint``).
+    """Fresh copies of the tiny components of ``kind`` (one of :data:`TINY_KINDS`).
 
     The components are built once per process and cached; each call returns deep copies, so a
     pipeline that moves its modules to another device / dtype or sets scheduler timesteps never
@@ -288,26 +337,51 @@ def tiny_sdxl() -> dict[str, Any]:
     return tiny_components("sdxl")
 
 
+def tiny_sdxl_inpaint() -> dict[str, Any]:
+    """SDXL inpainting-like components: as :func:`tiny_sdxl` with a 9-input-channel UNet (noisy
+    latent + mask + masked-image latent), as in ``stable-diffusion-xl-1.0-inpainting-0.1``."""
+    return tiny_components("sdxl_inpaint")
+
+
+def tiny_paint_by_example() -> dict[str, Any]:
+    """Paint-by-Example-like components: unet (9 input channels, cross-attention width = the image
+    encoder's projection), vae, image_encoder (diffusers' ``PaintByExampleImageEncoder``),
+    feature_extractor (``CLIPImageProcessor``), scheduler (DDIM, SD 1.5 values)."""
+    return tiny_components("paint_by_example")
+
+
 def tiny_kind_for(pipeline_cls: type) -> str:
-    """The tiny backbone that fits a pipeline class: ``sdxl`` for SDXL pipelines, ``ip2p`` for
-    InstructPix2Pix ones, ``inpaint`` for the other inpainting ones, else ``sd15``."""
+    """The tiny backbone that fits a pipeline class: ``ip2p`` for InstructPix2Pix pipelines,
+    ``paint_by_example`` for Paint-by-Example, ``sdxl_inpaint`` for SDXL inpainting ones,
+    ``sdxl`` for the other SDXL ones, ``inpaint`` for the other inpainting ones, else ``sd15``."""
     name = pipeline_cls.__name__
     if "InstructPix2Pix" in name:
         return "ip2p"
+    if "PaintByExample" in name:
+        return "paint_by_example"
     if "XL" in name:
-        return "sdxl"
+        return "sdxl_inpaint" if "Inpaint" in name else "sdxl"
     if "Inpaint" in name:
         return "inpaint"
     return "sd15"
 
 
+# Components no pipeline runs without, even where diffusers lists them as optional (the SDXL
+# pipelines list their text encoders / tokenizers, which refiner checkpoints omit): a kind that
+# lacks one is an error, not a None.
+_CORE_COMPONENTS = frozenset({"unet", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"})
+
+
 def tiny_pipeline(kind: str, pipeline_cls: type) -> Any:
     """Assemble ``pipeline_cls`` from fresh tiny components of ``kind``.
 
-    Components the class does not take are dropped; optional ones it takes are filled in:
-    ``safety_checker`` / ``feature_extractor`` / ``image_encoder`` = None,
-    ``requires_safety_checker`` = False, and an ``inverse_scheduler`` (DiffEdit) = DDIM inverse
-    built from the scheduler's config. A required component that the kind lacks is an error.
+    Components the class does not take are dropped; the kind's own components come first
+    (``paint_by_example`` builds its ``image_encoder`` and ``feature_extractor``); optional ones
+    the kind lacks are filled in: ``safety_checker`` / ``feature_extractor`` / ``image_encoder`` = None,
+    ``requires_safety_checker`` = False, an ``inverse_scheduler`` (DiffEdit) = DDIM inverse
+    built from the scheduler's config, and any other component the class lists as optional
+    (``_optional_components``) = None, except the core ones (UNet, VAE, scheduler, text encoders,
+    tokenizers). A required or core component that the kind lacks is an error.
     """
     parts = tiny_components(kind)
     sig = inspect.signature(pipeline_cls.__init__)
@@ -330,6 +404,8 @@ def tiny_pipeline(kind: str, pipeline_cls: type) -> Any:
             from diffusers import DDIMInverseScheduler
 
             kwargs[name] = DDIMInverseScheduler.from_config(parts["scheduler"].config)
+        elif name in getattr(pipeline_cls, "_optional_components", ()) and name not in _CORE_COMPONENTS:
+            kwargs[name] = None  # e.g. Pix2Pix-Zero's caption_generator / caption_processor
         elif p.default is inspect.Parameter.empty:
             raise TypeError(
                 f"{pipeline_cls.__name__} needs component '{name}', which the tiny '{kind}' backbone "
