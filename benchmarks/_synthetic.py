@@ -8,7 +8,10 @@ import numpy as np
 from PIL import Image
 
 
-def make_dataset(root: Path, n: int, size: int, category: str = "remove", name: str = "bench") -> dict:
+def make_dataset(root: Path, n: int, size: int, category: str = "remove", name: str = "bench",
+                 reference: bool = False) -> dict:
+    """n synthetic samples (a gradient with a disc, its mask, captions); with ``reference`` each
+    also names a reference image (the disc's crop), for exemplar-based methods."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "images").mkdir(exist_ok=True)
     (root / "masks").mkdir(exist_ok=True)
@@ -22,11 +25,16 @@ def make_dataset(root: Path, n: int, size: int, category: str = "remove", name: 
         mask = ((y - cy) ** 2 + (x - cx) ** 2 <= r * r).astype(np.uint8) * 255
         Image.fromarray(img).save(root / "images" / f"{i:05d}.png")
         Image.fromarray(mask).save(root / "masks" / f"{i:05d}.png")
-        lines.append(json.dumps({
+        rec = {
             "id": f"b{i:05d}", "source": f"images/{i:05d}.png", "instruction": "remove the disc",
             "source_caption": "a disc on a gradient", "target_caption": "a blue gradient",
             "mask": f"masks/{i:05d}.png", "category": category,
-        }))
+        }
+        if reference:
+            y0, x0 = int(max(cy - r, 0)), int(max(cx - r, 0))
+            Image.fromarray(img[y0:int(cy + r), x0:int(cx + r)]).save(root / "images" / f"{i:05d}_ref.png")
+            rec["reference"] = f"images/{i:05d}_ref.png"
+        lines.append(json.dumps(rec))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     (root / "card.yaml").write_text(f"name: {name}\nformat: generic\nversion: 1\n")
     return {"name": name, "format": "generic", "root": str(root)}

@@ -165,8 +165,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: stable timings on a shared host)")
     a = ap.parse_args()
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     torch.set_num_threads(a.threads)
+    diffusers_logging.set_verbosity_error()  # e.g. LEDITS++'s size advice, repeated per edit
     full = a.size == "full"
     steps = a.steps or (50 if full else 4)
     res = a.resolution or (512 if full else 64)
@@ -177,7 +179,7 @@ def main() -> None:
             raise SystemExit(f"--size full builds SD 1.5 (and its 8-channel IP2P variant) only; drop {unsupported}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ds = make_dataset(tmp / "data", a.n, a.image or res)
+        ds = make_dataset(tmp / "data", a.n, a.image or res, reference=True)  # reference: paint_by_example
         hw = torch.cuda.get_device_name(0) if a.device == "cuda" and torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {a.threads} torch thread(s))"
         print(f"diffusion adapters, {'SD 1.5 full size, random weights' if full else 'tiny random-weight backbones'}; "
               f"{a.n} samples, {steps} steps, {res} px working size; device {a.device}: {hw}")

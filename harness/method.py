@@ -78,6 +78,8 @@ class Method(abc.ABC):
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ("source",)
     categories: ClassVar[tuple[str, ...] | None] = None
+    # Runs torch (its CPU tensors are invisible to tracemalloc: the runner then measures peak RSS).
+    uses_torch: ClassVar[bool] = False
 
     @dataclasses.dataclass(frozen=True)
     class Params:

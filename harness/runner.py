@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+import threading
 import tracemalloc
 import traceback
 from importlib import metadata
@@ -60,7 +61,7 @@ class JobConfig:
     seed: int = 0
     progress: bool = True
     retry_failed: bool = True
-    memory: str = "auto"  # auto | tracemalloc | cuda | off
+    memory: str = "auto"  # auto | tracemalloc | rss | cuda | off (see _MemoryProbe)
     writers: int = 2  # threads writing edit files (0: write synchronously)
     score: bool = True
 
@@ -93,25 +94,66 @@ def build_method(cfg: Mapping[str, Any]) -> Method:
     return METHODS.get(name).from_config(cfg)
 
 
-class _MemoryProbe:
-    """Peak memory of one edit: CUDA allocator peak when the method uses CUDA, else tracemalloc
-    (which sees Python and NumPy allocations, not torch CPU tensors)."""
+def _rss_bytes() -> int:
+    """This process's resident set size, from /proc (Linux); 0 where /proc is absent."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
 
-    def __init__(self, mode: str):
-        if mode not in ("auto", "tracemalloc", "cuda", "off"):
-            raise ValueError(f"memory must be auto, tracemalloc, cuda or off; got {mode!r}")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+RSS_INTERVAL_S = 0.005  # sampling period of the rss probe
+
+
+class _MemoryProbe:
+    """Peak memory of one edit, by the kind that can see the method's memory:
+
+    - ``cuda``: the CUDA allocator's peak, when torch is loaded and CUDA available;
+    - ``rss``: for methods that run torch on the CPU (``Method.uses_torch``), the peak resident
+      set size of the process during the edit, sampled every 5 ms from /proc by a thread. Like
+      the CUDA peak it includes the loaded weights (and here the interpreter); a difference from
+      the size at the start would read ~0 after the first edit, as freed tensors stay resident in
+      the allocator. (torch's CPU tensors bypass Python's allocator, so tracemalloc does not see
+      them; neither torch nor the standard library reports a CPU peak.)
+    - ``tracemalloc``: Python and NumPy allocations (the classical methods).
+    ``auto`` picks in that order; the kind used is recorded in each edit's info (``memory_probe``).
+    """
+
+    def __init__(self, mode: str, uses_torch: bool = False):
+        if mode not in ("auto", "tracemalloc", "rss", "cuda", "off"):
+            raise ValueError(f"memory must be auto, tracemalloc, rss, cuda or off; got {mode!r}")
         self.mode = mode
+        self.uses_torch = uses_torch
 
     def _cuda(self) -> bool:
         torch = sys.modules.get("torch")
         return self.mode in ("auto", "cuda") and torch is not None and torch.cuda.is_available()
 
+    def _pick(self) -> str:
+        if self._cuda():
+            return "cuda"
+        rss_ok = _rss_bytes() > 0
+        if self.mode == "rss" or (self.mode == "auto" and self.uses_torch):
+            return "rss" if rss_ok else "tracemalloc"
+        return "tracemalloc" if self.mode in ("auto", "tracemalloc") else "off"
+
+    def _sample_rss(self) -> None:
+        while not self._stop.wait(RSS_INTERVAL_S):
+            self._rss_peak = max(self._rss_peak, _rss_bytes())
+
     def __enter__(self):
-        self.kind = "cuda" if self._cuda() else ("tracemalloc" if self.mode in ("auto", "tracemalloc") else "off")
+        self.kind = self._pick()
         if self.kind == "cuda":
             torch = sys.modules["torch"]
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        elif self.kind == "rss":
+            self._rss_peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample_rss, name="rss-probe", daemon=True)
+            self._thread.start()
         elif self.kind == "tracemalloc":
             self._started = not tracemalloc.is_tracing()
             if self._started:
@@ -125,6 +167,10 @@ class _MemoryProbe:
             torch = sys.modules["torch"]
             torch.cuda.synchronize()
             self.peak = int(torch.cuda.max_memory_allocated())
+        elif self.kind == "rss":
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._rss_peak, _rss_bytes())
         elif self.kind == "tracemalloc":
             self.peak = int(tracemalloc.get_traced_memory()[1])
             if self._started:
@@ -219,7 +265,7 @@ class Job:
         self._prepared = False
         self._prepare_error: str | None = None
         self.load_seconds = 0.0
-        self._probe = _MemoryProbe(cfg.memory)
+        self._probe = _MemoryProbe(cfg.memory, uses_torch=getattr(self.method, "uses_torch", False))
 
     # -- edits ----------------------------------------------------------------------------
     def key_for(self, ref: SampleRef, previous_key: str | None = None) -> str:
@@ -294,6 +340,7 @@ class Job:
             )
         prep = float(out.info.pop("prep_seconds", 0.0) or 0.0)
         info = dict(out.info)
+        info["memory_probe"] = probe.kind
         if sample.meta.get("input_notes"):
             info["input_notes"] = sample.meta["input_notes"]
         return (

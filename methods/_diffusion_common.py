@@ -96,6 +96,7 @@ class DiffusionMethod(Method):
     :meth:`call_pipeline`, and extend :class:`Params`.
     """
 
+    uses_torch = True
     # Which tiny random-weight backbone (methods.diffusion.tiny) fits the pipeline class.
     tiny_kind: ClassVar[str] = "sd15"
     # The sample field holding the text the pipeline is conditioned on.

@@ -218,7 +218,7 @@ def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_S
     (random weights change the image). Second run: everything from the cache.
     """
     from harness.cache import EditStore
-    from harness.runner import run_job
+    from harness.runner import _rss_bytes, run_job
     from methods._diffusion_common import RANDOM_WEIGHTS_TAG
     from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
@@ -246,6 +246,8 @@ def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_S
         assert info["revision"] == f"tiny-random-{kind}"
         assert info["steps"] == method["num_inference_steps"] and info["seed"] == cfg["seed"]
         assert info["working_size_hw"] == [res, res]
+        # torch on the CPU: peak memory is the resident-set increase (tracemalloc cannot see tensors)
+        assert info["memory_probe"] == ("rss" if _rss_bytes() > 0 else "tracemalloc")
         records[sid] = (rec, info)
 
     scores = read_scores(first)

@@ -293,3 +293,26 @@ def test_a_metric_that_fails_to_load_is_unavailable_not_fatal(builder, tmp_path)
     man = json.loads((out.job_dir / "manifest.json").read_text())
     assert "checkpoint is corrupt" in json.dumps(man)
     assert run_job(job_config(builder.config(), tmp_path / "res", metrics=metrics)).scored == 3  # retried
+
+
+# -- peak memory per edit ------------------------------------------------------------------------
+def test_memory_probe_kinds_and_rss_peak():
+    from harness.runner import _MemoryProbe, _rss_bytes
+
+    if _rss_bytes() == 0:
+        pytest.skip("no /proc/self/statm on this platform: the rss probe falls back to tracemalloc")
+    with _MemoryProbe("auto", uses_torch=False) as p:
+        a = np.ones(2**20, dtype=np.float64)  # 8 MiB, seen by tracemalloc (NumPy reports to it)
+    assert p.kind == "tracemalloc" and p.peak >= 8 * 2**20
+    del a
+    start = _rss_bytes()
+    with _MemoryProbe("auto", uses_torch=True) as p:  # a torch method on the CPU: resident set size
+        b = np.ones(64 * 2**17, dtype=np.float64)  # 64 MiB, touched, so resident
+        time.sleep(0.05)  # at least a few 5 ms samples while it is alive
+        del b
+    assert p.kind == "rss" and p.peak - start >= 48 * 2**20  # the process's peak, the array included
+    with _MemoryProbe("off") as p:
+        pass
+    assert p.kind == "off" and p.peak is None
+    with pytest.raises(ValueError, match="memory must be"):
+        _MemoryProbe("heap")
