@@ -162,3 +162,17 @@ def test_cli_run_with_tiny_backbone(tmp_path):
     assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
     scores = pd.read_parquet(tables[0].parent / "scores.parquet")
     assert {"l1", "l2"} <= set(scores.metric)
+
+
+def test_cli_multirun_over_diffusion_methods_with_forced_overrides(tmp_path):
+    # A multirun composes the default method (identity) first: its config has no 'backbone',
+    # so shared diffusion overrides are written with '++' (add or override), as the README says.
+    rc = main(["run", "-m", "method=sdedit,masactrl", "++method.backbone=tiny", "++method.num_inference_steps=2",
+               "++method.resolution=32", "dataset.limit=1", "metrics=pixel", f"results_dir={tmp_path}",
+               "progress=false", "run_name=smoke"])
+    assert rc == 0
+    tables = sorted((tmp_path / "smoke" / "jobs").glob("*/edits.parquet"))
+    assert [t.parent.name.split("_")[0] for t in tables] == ["masactrl", "sdedit"]  # <label>-<dataset>-<hash>
+    for t in tables:
+        edits = pd.read_parquet(t)
+        assert (edits.status == "ok").all() and (edits.model_revision == "tiny-random-sd15").all()
