@@ -55,8 +55,32 @@ def _fingerprint(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class DatasetLoader:
+    """What every format loader shares: iteration over ``refs()`` and the checks that its
+    folder and files exist (errors name the dataset and say what was expected)."""
+
+    name: str
+
+    def refs(self) -> list[SampleRef]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[SampleRef]:
+        return iter(self.refs())
+
+    def require_dir(self, folder: Path, expected: str = "") -> Path:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"dataset '{self.name}': folder not found: {folder}"
+                                    + (f" (expected {expected})" if expected else ""))
+        return folder
+
+    def require_file(self, path: Path, what: str) -> Path:
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset '{self.name}': {what} not found: {path}")
+        return path
+
+
 @DATASET_FORMATS.register("generic")
-class GenericDataset:
+class GenericDataset(DatasetLoader):
     """Loader for the generic manifest format."""
 
     def __init__(
@@ -71,14 +95,13 @@ class GenericDataset:
         **card_extra: Any,
     ):
         self.root = Path(root)
-        if not self.root.is_dir():
+        if not self.root.is_dir():  # before the card, which names the dataset
             raise FileNotFoundError(f"dataset folder not found: {self.root}")
         card = self.read_card(self.root)
         self.name = str(name or card.get("name") or self.root.name)
         self.version = str(version if version is not None else card.get("version", "0"))
         self.manifest_path = self.root / (manifest or card.get("manifest", "manifest.jsonl"))
-        if not self.manifest_path.is_file():
-            raise FileNotFoundError(f"dataset '{self.name}': manifest not found: {self.manifest_path}")
+        self.require_file(self.manifest_path, "manifest")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
 
     @staticmethod
@@ -126,9 +149,6 @@ class GenericDataset:
             error = SampleError(sid, "source", "missing (every sample needs a source image)")
         category = record.get("category")
         return SampleRef(sid, record, fp, category if isinstance(category, str) else None, error)
-
-    def __iter__(self) -> Iterator[SampleRef]:
-        return iter(self.refs())
 
     # -- decoding -------------------------------------------------------------------------
     def load(self, ref: SampleRef) -> Sample:

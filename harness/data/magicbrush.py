@@ -58,7 +58,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -66,7 +66,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, select_refs, subset_params
+from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
 
 log = logging.getLogger("edit_harness")
 
@@ -118,7 +118,7 @@ def read_magicbrush_mask(
 
 
 @DATASET_FORMATS.register("magicbrush")
-class MagicBrushDataset:
+class MagicBrushDataset(DatasetLoader):
     """Loader for the MagicBrush test set; see the module docstring for the two settings."""
 
     def __init__(
@@ -147,15 +147,8 @@ class MagicBrushDataset:
             )
         self.setting = setting
         self.mask_convention = mask_convention
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"dataset '{self.name}': folder not found: {self.root} (expected MagicBrush's test folder "
-                f"with {sessions_file} and {images_dir}/)"
-            )
-        self.sessions_path = self.root / sessions_file
-        if not self.sessions_path.is_file():
-            raise FileNotFoundError(f"dataset '{self.name}': edit sessions file not found: {self.sessions_path}")
+        self.root = self.require_dir(Path(root), f"MagicBrush's test folder with {sessions_file} and {images_dir}/")
+        self.sessions_path = self.require_file(self.root / sessions_file, "edit sessions file")
         self.caption_paths: dict[str, Path | None] = {}
         for kind, fname in (("local", local_captions), ("global", global_captions)):
             path = self.root / fname if fname else None
@@ -261,9 +254,6 @@ class MagicBrushDataset:
             units = [[r] for _, refs in sessions for r in refs]
         units = select_refs(units, self.name, None, self.shard, self.limit)
         return [r for unit in units for r in unit]
-
-    def __iter__(self) -> Iterator[SampleRef]:
-        return iter(self.refs())
 
     # -- decoding -------------------------------------------------------------------------
     def load(self, ref: SampleRef) -> Sample:

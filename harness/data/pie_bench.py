@@ -41,14 +41,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..images import load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, SampleRef, _fingerprint, select_refs, subset_params
+from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
 
 #: The benchmark's mask resolution: every RLE is over a flattened 512x512 image.
 PIE_SHAPE = (512, 512)
@@ -141,7 +141,7 @@ def decode_rle_mask(rle: Sequence[int], shape: tuple[int, int] = PIE_SHAPE, bord
 
 
 @DATASET_FORMATS.register("pie_bench")
-class PieBenchDataset:
+class PieBenchDataset(DatasetLoader):
     """Loader for PIE-Bench's ``mapping_file.json`` + ``annotation_images/``.
 
     ``editing_types`` keeps only the given ``editing_type_id`` values (like the evaluation's
@@ -163,15 +163,8 @@ class PieBenchDataset:
         **card_extra: Any,
     ):
         self.name = str(name or "pie_bench")
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(
-                f"dataset '{self.name}': folder not found: {self.root} (expected PIE-Bench's data folder "
-                f"with {mapping_file} and {images_dir}/)"
-            )
-        self.mapping_path = self.root / mapping_file
-        if not self.mapping_path.is_file():
-            raise FileNotFoundError(f"dataset '{self.name}': mapping file not found: {self.mapping_path}")
+        self.root = self.require_dir(Path(root), f"PIE-Bench's data folder with {mapping_file} and {images_dir}/")
+        self.mapping_path = self.require_file(self.root / mapping_file, "mapping file")
         self.images_root = self.root / images_dir
         self.version = str(version if version is not None else "1")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
@@ -245,9 +238,6 @@ class PieBenchDataset:
         if problem:
             return SampleError(key, "mask", f"RLE {problem}")
         return None
-
-    def __iter__(self) -> Iterator[SampleRef]:
-        return iter(self.refs())
 
     # -- decoding -------------------------------------------------------------------------
     def load(self, ref: SampleRef) -> Sample:
