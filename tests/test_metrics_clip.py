@@ -332,20 +332,19 @@ def test_unknown_params_rejected():
 
 def test_source_and_caption_encoded_once(monkeypatch):
     m = tiny(clipm.ClipDirectional)
-    model = m.bundle.model
     calls = {"image": 0, "text": 0}
-    enc_i, enc_t = model.encode_image, model.encode_text
+    enc_i, enc_t = cm.encode_image_cls, cm.encode_text_trimmed
 
-    def ci(x, *a, **k):
+    def ci(model, x):
         calls["image"] += x.shape[0]
-        return enc_i(x, *a, **k)
+        return enc_i(model, x)
 
-    def ct(x, *a, **k):
+    def ct(model, x):
         calls["text"] += x.shape[0]
-        return enc_t(x, *a, **k)
+        return enc_t(model, x)
 
-    monkeypatch.setattr(model, "encode_image", ci)
-    monkeypatch.setattr(model, "encode_text", ct)
+    monkeypatch.setattr(cm, "encode_image_cls", ci)
+    monkeypatch.setattr(cm, "encode_text_trimmed", ct)
     s = sample("a")
     r1 = m.score_batch([item(s, seed=1)])
     assert calls == {"image": 2, "text": 2}
@@ -379,8 +378,8 @@ def test_feature_cache_dir(tmp_path, monkeypatch):
     assert len(files) == 1 and files[0].name.startswith("image_")  # the source only, not the edit
     cm.FEATURES.clear()
     calls = []
-    enc = mf.bundle.model.encode_image
-    monkeypatch.setattr(mf.bundle.model, "encode_image", lambda x, *a, **k: (calls.append(x.shape[0]), enc(x, *a, **k))[1])
+    enc = cm.encode_image_cls
+    monkeypatch.setattr(cm, "encode_image_cls", lambda model, x: (calls.append(x.shape[0]), enc(model, x))[1])
     v2 = mf.score_batch([item(s)])[0][0].value
     assert calls == [1] and v2 == pytest.approx(v1, abs=1e-6)
     # loaded weights equal the random model's: same values
@@ -472,3 +471,46 @@ def test_weights_from_local_dir_and_tag_quick_gelu(tmp_path, monkeypatch):
     acts = {type(x).__name__ for x in mq.bundle.model.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     assert "GELU" in {type(x).__name__ for x in m.bundle.model.modules()}
+
+
+# -- the shortened forward passes equal open_clip's own ------------------------------------------
+def test_class_token_only_last_block_equals_encode_image():
+    model = tiny(clipm.ClipI).bundle.model
+    assert cm._cls_only_layout(model)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.encode_image(x)
+        got = cm.encode_image_cls(model, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a layout it does not know (average pooling reads every token) runs open_clip's forward
+    model.visual.pool_type = "avg"
+    try:
+        assert not cm._cls_only_layout(model)
+        with torch.no_grad():
+            assert torch.equal(cm.encode_image_cls(model, x), model.encode_image(x))
+    finally:
+        model.visual.pool_type = "tok"
+
+
+def test_text_trimmed_at_last_end_token_equals_encode_text(monkeypatch):
+    bundle = tiny(clipm.ClipT).bundle
+    model = bundle.model
+    texts = ["a cat", "a photo of a blue car parked in front of a red brick house", ""]
+    tok = bundle.tokenizer(texts)
+    assert tok.shape[1] == 77
+    lengths = []
+    forward = model.transformer.forward
+    monkeypatch.setattr(model.transformer, "forward",
+                        lambda x, attn_mask=None: (lengths.append(x.shape[1]), forward(x, attn_mask=attn_mask))[1])
+    with torch.no_grad():
+        got = cm.encode_text_trimmed(model, tok)
+        eot = int(tok.argmax(dim=-1).max())
+        assert lengths == [eot + 1] and eot + 1 < 20  # the longest caption's end token, not 77
+        want = model.encode_text(tok)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # a non-causal text tower must see the padding: the full forward is used
+    monkeypatch.setattr(model, "attn_mask", torch.zeros(77, 77))
+    lengths.clear()
+    with torch.no_grad():
+        cm.encode_text_trimmed(model, tok)
+    assert lengths == [77]

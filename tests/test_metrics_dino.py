@@ -475,3 +475,12 @@ def test_import_and_resolution_stay_torch_free(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), TORCH_HOME=str(tmp_path / "t"), HF_HOME=str(tmp_path / "h"))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cls_with_class_token_only_last_block_equals_full_forward():
+    bundle = dm.load_dino("dino_vits16", device="cpu", allow_random=True)
+    assert dm._plain_timm_block(bundle.net.blocks[-1])
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.cls(x), bundle.cls_full(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bundle.cls_full(x), bundle.net.norm(bundle.net.blocks(bundle.tokens(x)))[:, 0])

@@ -302,6 +302,96 @@ def text_hash(text: str) -> str:
     return hashlib.sha1(("text|" + text).encode("utf-8")).hexdigest()
 
 
+# --------------------------------------------------------------------------------------------
+# Forward passes: the same numbers as encode_image / encode_text, with less work
+# --------------------------------------------------------------------------------------------
+# Both shortcuts are exact rearrangements of open_clip's forward (no approximation; they differ
+# from encode_image / encode_text only by float32 rounding, ~1e-7, tested in test_metrics_clip.py),
+# written by hand because open_clip has no such entry points. Any model outside the checked
+# layout falls back to open_clip's own forward.
+
+def _plain_block(blk: Any) -> bool:
+    from open_clip.transformer import ResidualAttentionBlock
+
+    return isinstance(blk, ResidualAttentionBlock) and not hasattr(blk, "ln_1_kv")
+
+
+def _cls_only_layout(model: Any) -> bool:
+    """A CLIP whose image embedding is ln_post(class token) @ proj after a plain transformer."""
+    from open_clip.model import CLIP, CustomTextCLIP
+    from open_clip.transformer import Transformer, VisionTransformer
+
+    v = getattr(model, "visual", None)
+    return (type(model).encode_image in (CLIP.encode_image, CustomTextCLIP.encode_image)
+            and type(v) is VisionTransformer and v.attn_pool is None and v.pool_type == "tok"
+            and not v.output_tokens and type(v.transformer) is Transformer and v.transformer.batch_first
+            and len(v.transformer.resblocks) > 0 and all(_plain_block(b) for b in v.transformer.resblocks)
+            and not v.training)
+
+
+def encode_image_cls(model: Any, x: Any) -> Any:
+    """``model.encode_image(x)`` with the last block computed for the class token alone.
+
+    The pooled output reads only the class token, and after the last attention nothing mixes
+    tokens, so the last block needs the other tokens only as keys and values: its query,
+    output projection and MLP run on one token instead of all (for ViT-B/32, 50 -> 1; about 7%
+    of the network's FLOPs saved).
+    """
+    if not _cls_only_layout(model):
+        return model.encode_image(x)
+    v = model.visual
+    t = v._embeds(x)
+    blocks = v.transformer.resblocks
+    for blk in blocks[:-1]:
+        t = blk(t)
+    last = blocks[-1]
+    y = last.ln_1(t)
+    h = t[:, :1] + last.ls_1(last.attention(q_x=y[:, :1], k_x=y, v_x=y))
+    h = h + last.ls_2(last.mlp(last.ln_2(h)))
+    pooled = v.ln_post(h[:, 0])  # LayerNorm is per token: same either side of the pooling
+    return pooled @ v.proj if v.proj is not None else pooled
+
+
+def _causal(mask: Any) -> bool:
+    import torch
+
+    n = mask.shape[-1]
+    return mask.dim() == 2 and bool(torch.equal(torch.isinf(mask) & (mask < 0),
+                                                torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)))
+
+
+def encode_text_trimmed(model: Any, tokens: Any) -> Any:
+    """``model.encode_text(tokens)`` run on the tokens up to the batch's last end-of-text token.
+
+    The text tower is causal and its embedding is read at the end-of-text token, so the padding
+    after it cannot change the result: a 12-token caption costs 12/77 of the full context.
+    """
+    import torch
+    from open_clip.model import CLIP
+    from open_clip.transformer import Transformer
+
+    mask = getattr(model, "attn_mask", None)
+    pool = getattr(model, "text_pool_type", None)
+    if (type(model) is not CLIP or mask is None or pool not in ("argmax", "eos") or model.training
+            or type(model.transformer) is not Transformer or not model.transformer.batch_first
+            or not all(_plain_block(b) for b in model.transformer.resblocks) or not _causal(mask)):
+        return model.encode_text(tokens)
+    if pool == "argmax":
+        idx = tokens.argmax(dim=-1)
+    else:
+        idx = (tokens == model.text_eos_id).int().argmax(dim=-1)
+    n = int(idx.max()) + 1
+    dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :n]).to(dtype) + model.positional_embedding[:n].to(dtype)
+    x = model.transformer(x, attn_mask=mask[:n, :n])
+    x = model.ln_final(x)[torch.arange(x.shape[0], device=x.device), idx]
+    if model.text_projection is None:
+        return x
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
 @dataclasses.dataclass(eq=False)
 class ClipBundle:
     """A loaded open_clip model with its eval transform and tokenizer."""
@@ -346,10 +436,10 @@ class ClipBundle:
                     from PIL import Image
 
                     x = torch.stack([self.preprocess(Image.fromarray(np.asarray(inputs[i]))) for i in first])
-                    feats = self.model.encode_image(x.to(self.device))
+                    feats = encode_image_cls(self.model, x.to(self.device))
                 else:
                     tok = self.tokenizer([str(inputs[i]) for i in first])
-                    feats = self.model.encode_text(tok.to(self.device))
+                    feats = encode_text_trimmed(self.model, tok.to(self.device))
             feats = feats.float().cpu().numpy()
             for j, h in enumerate(chunk):
                 keep = persist is None or any(persist[i] for i in todo[h])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
@@ -147,6 +148,12 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _check_uint8(img: np.ndarray) -> np.ndarray:
+    if img.dtype != np.uint8:
+        raise TypeError(f"expected uint8 image, got {img.dtype}")
+    return img
+
+
 def to_float01(img: np.ndarray) -> np.ndarray:
     """RGB uint8 HxWx3 -> float64 HxWx3 in [0, 1]."""
     if img.dtype != np.uint8:
@@ -211,29 +218,59 @@ REFERENCES = ("source", "target")
 class ImagePair:
     """An edit and its reference, ready for an image metric.
 
-    ``edit`` and ``ref`` are float64 HxWx3 in [0, 1] on the reference's pixel grid (the edit
-    resized bicubic when its size differs). ``masks`` holds the usable regions (None = whole
-    image, else a non-empty bool HxW mask); ``flags`` the regions that are NaN and why.
+    ``edit_u8`` and ``ref_u8`` are the RGB uint8 HxWx3 images on the reference's pixel grid (the
+    edit resized bicubic when its size differs); ``edit`` and ``ref`` are the same as float64 in
+    [0, 1], converted on first use (metrics that can work on the integers never pay for it).
+    ``masks`` holds the usable regions (None = whole image, else a non-empty bool HxW mask);
+    ``flags`` the regions that are NaN and why.
     """
 
     item: ScoringItem
-    edit: np.ndarray
-    ref: np.ndarray
+    edit_u8: np.ndarray
+    ref_u8: np.ndarray
     masks: dict[str, np.ndarray | None]
     flags: dict[str, str]
     resized: bool = False
 
+    @functools.cached_property
+    def edit(self) -> np.ndarray:
+        return to_float01(self.edit_u8)
+
+    @functools.cached_property
+    def ref(self) -> np.ndarray:
+        return to_float01(self.ref_u8)
+
+    @functools.cached_property
+    def float32(self) -> tuple[np.ndarray, np.ndarray]:
+        """(edit, ref) as float32 in [0, 1], bit for bit what torchvision's ToTensor makes (the
+        papers' scripts): torch's ``div(255)`` on float32, which is not numpy's ``/ 255``."""
+        import torch
+
+        return tuple(torch.from_numpy(a).to(torch.float32).div(255).numpy()  # type: ignore[return-value]
+                     for a in (self.edit_u8, self.ref_u8))
+
     @property
     def shape(self) -> tuple[int, int]:
-        return self.ref.shape[:2]
+        return self.ref_u8.shape[:2]
 
-    def zero_filled(self, region: str) -> tuple[np.ndarray, np.ndarray]:
-        """Both images multiplied by the region mask (zeros outside), as PIE-Bench does."""
+    def images(self, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+        """(edit, ref) as ``float64`` or ``float32`` in [0, 1], or as the ``uint8`` images."""
+        if dtype == "uint8":
+            return self.edit_u8, self.ref_u8
+        if dtype == "float32":
+            return self.float32
+        if dtype == "float64":
+            return self.edit, self.ref
+        raise ValueError(f"dtype must be uint8, float32 or float64, got {dtype!r}")
+
+    def zero_filled(self, region: str, dtype: str = "float64") -> tuple[np.ndarray, np.ndarray]:
+        """Both images (see :meth:`images`) multiplied by the region mask (zeros outside), as PIE-Bench does."""
+        e, r = self.images(dtype)
         m = self.masks[region]
         if m is None:
-            return self.edit, self.ref
-        w = m[..., None].astype(self.edit.dtype)
-        return self.edit * w, self.ref * w
+            return e, r
+        w = m[..., None].astype(e.dtype)
+        return e * w, r * w
 
 
 class ImageMetric(Metric):
@@ -314,7 +351,7 @@ class ImageMetric(Metric):
                 flags[region] = flag
             else:
                 masks[region] = m
-        return ImagePair(item, to_float01(edit), to_float01(np.asarray(ref)), masks, flags,
+        return ImagePair(item, _check_uint8(edit), _check_uint8(np.asarray(ref)), masks, flags,
                          resized=edit.shape[:2] != np.asarray(item.edit).shape[:2])
 
     # -- scoring --------------------------------------------------------------------------

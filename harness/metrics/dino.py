@@ -330,6 +330,18 @@ def build_dino(arch: DinoArch) -> Any:
     )
 
 
+def _plain_timm_block(blk: Any) -> bool:
+    """A timm ViT block whose attention is plain softmax attention over a packed qkv."""
+    import torch.nn as nn
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    a = getattr(blk, "attn", None)
+    return (type(blk) is Block and type(a) is Attention and getattr(a, "gate", None) is None
+            and all(isinstance(getattr(a, m, None), nn.Identity) for m in ("q_norm", "k_norm", "norm"))
+            and a.qkv.out_features == 3 * a.attn_dim)
+
+
 @dataclasses.dataclass(eq=False)
 class DinoBundle:
     """A loaded DINO ViT and the forward passes the metrics need."""
@@ -354,12 +366,44 @@ class DinoBundle:
         t = torch.cat([net.cls_token.expand(b, -1, -1), t], dim=1)
         return t + dino_pos_embed(net.pos_embed, h, w, self.arch.patch)
 
-    def cls(self, x: Any) -> Any:
-        """DINO's ``forward``: the CLS token after all blocks and the final LayerNorm, B x D."""
+    def cls_full(self, x: Any) -> Any:
+        """DINO's ``forward`` as written: every token through every block, then the CLS token, B x D."""
         t = self.tokens(x)
         for blk in self.net.blocks:
             t = blk(t)
         return self.net.norm(t)[:, 0]
+
+    def cls(self, x: Any) -> Any:
+        """:meth:`cls_full`'s numbers with the last block computed for the CLS token alone.
+
+        Only the CLS token is read, and after the last attention nothing mixes tokens, so the
+        other tokens are needed there only as keys and values: the last block's query, output
+        projection and MLP run on one token instead of 197 (ViT-S/16; about 7% of the FLOPs).
+        Exact up to float32 rounding (tested against :meth:`cls_full`); written by hand because
+        timm's ``Attention`` takes no separate query. Other block layouts use :meth:`cls_full`.
+        """
+        import torch.nn.functional as F
+
+        blocks = self.net.blocks
+        last = blocks[-1]
+        if self.net.training or not _plain_timm_block(last):
+            return self.cls_full(x)
+        t = self.tokens(x)
+        for blk in blocks[:-1]:
+            t = blk(t)
+        attn = last.attn
+        y = last.norm1(t)
+        b, n, _ = y.shape
+        heads, hd, dim = attn.num_heads, attn.head_dim, attn.attn_dim
+        w, bias = attn.qkv.weight, attn.qkv.bias
+        q = F.linear(y[:, :1], w[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(y, w[dim:], None if bias is None else bias[dim:])
+        q = q.reshape(b, 1, heads, hd).transpose(1, 2)
+        k, v = kv.reshape(b, n, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, dim)
+        h = t[:, :1] + last.ls1(attn.proj(o))
+        h = h + last.ls2(last.mlp(last.norm2(h)))
+        return self.net.norm(h)[:, 0]
 
     def keys(self, x: Any, layer: int) -> Any:
         """Block ``layer``'s attention keys, all tokens, heads concatenated: B x T x D.
@@ -680,7 +724,7 @@ def reference_model_and_transform(metric: Dino) -> tuple[Callable[[Any], Any], C
     bundle = metric.bundle
 
     def model(x: Any) -> Any:
-        return bundle.cls(x.to(bundle.device))
+        return bundle.cls_full(x.to(bundle.device))
 
     return model, magicbrush_transform()
 

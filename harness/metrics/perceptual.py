@@ -223,11 +223,13 @@ class LPIPS(ImageMetric):
 
     Parameters: ``net`` (alex | vgg | squeeze; PIE-Bench uses squeeze), ``weights_path`` (optional local backbone file),
     ``device`` (auto | cpu | cuda[:i]; auto = cuda when available), ``max_batch`` (pairs per
-    forward pass).
+    forward pass; ``auto``: 8 on a GPU, 1 on the CPU, where batching 512 px images is slower:
+    AlexNet LPIPS measured 116 ms per pair one at a time vs 142 ms in batches of 16, 2 cores).
     """
 
     higher_is_better: ClassVar[bool] = False
-    param_defaults: ClassVar[dict[str, Any]] = {"net": "alex", "weights_path": None, "device": "auto", "max_batch": 8}
+    param_defaults: ClassVar[dict[str, Any]] = {"net": "alex", "weights_path": None, "device": "auto",
+                                                "max_batch": "auto"}
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
@@ -238,7 +240,10 @@ class LPIPS(ImageMetric):
             )
         self.weights_path = self.params["weights_path"]
         self.device_param = str(self.params["device"])
-        self.max_batch = int(self.params["max_batch"])
+        mb = self.params["max_batch"]
+        if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb >= 1):
+            raise ValueError(f"metric '{self.name}': max_batch must be 'auto' or an integer >= 1, got {mb!r}")
+        self.max_batch_param = mb
         self._model = None
         self._device = "cpu"
 
@@ -276,6 +281,12 @@ class LPIPS(ImageMetric):
         self._device = dev
         self._model = load_lpips_model(self.net, r[1], dev)
 
+    @property
+    def max_batch(self) -> int:
+        if self.max_batch_param != "auto":
+            return int(self.max_batch_param)
+        return 1 if self._device == "cpu" else 8
+
     # -- scoring --------------------------------------------------------------------------
     def compute_pairs(self, pairs: Sequence[ImagePair]) -> list[dict[str, tuple[float, str | None]]]:
         """Batch the forward passes over pairs of equal size."""
@@ -297,7 +308,7 @@ class LPIPS(ImageMetric):
                 chunk = jobs[start : start + self.max_batch]
                 e_list, r_list = [], []
                 for i, kind, region in chunk:
-                    e, r = (pairs[i].edit, pairs[i].ref) if kind == "whole" else pairs[i].zero_filled(region)
+                    e, r = pairs[i].float32 if kind == "whole" else pairs[i].zero_filled(region, "float32")
                     e_list.append(e)
                     r_list.append(r)
                 want_map = self.rule == "area" and any(
@@ -323,5 +334,5 @@ class LPIPS(ImageMetric):
     def _to_tensor(self, images: list[np.ndarray]):
         import torch
 
-        x = np.stack(images).astype(np.float32).transpose(0, 3, 1, 2)  # N x 3 x H x W in [0, 1]
+        x = np.stack(images).transpose(0, 3, 1, 2)  # N x 3 x H x W float32 in [0, 1]
         return torch.from_numpy(np.ascontiguousarray(x)).to(self._device) * 2.0 - 1.0

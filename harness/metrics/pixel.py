@@ -16,22 +16,32 @@ from .base import ImageMetric, ImagePair, region_mean
 
 
 class PixelErrorMetric(ImageMetric):
-    """A metric that is the mean of a per-pixel error (L1, L2)."""
+    """A metric that is the mean of a per-pixel error (L1, L2) of the [0, 1] images.
 
-    def pixel_error(self, edit: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    Computed on the uint8 images' integer differences and divided once by ``unit`` (255 for L1,
+    255**2 for L2): the same value as on ToTensor's floats, without converting either image.
+    """
+
+    unit: ClassVar[float] = 1.0
+
+    def pixel_error(self, diff: np.ndarray) -> np.ndarray:
+        """The per-pixel error of an int32 difference of uint8 images, in uint8 units."""
         raise NotImplementedError
+
+    def _error(self, edit: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        return self.pixel_error(edit.astype(np.int32) - ref)
 
     def compute_pair(self, pair: ImagePair) -> dict[str, tuple[float, str | None]]:
         out: dict[str, tuple[float, str | None]] = {}
         err = None
         for region, mask in pair.masks.items():
             if self.rule == "zero_fill" and mask is not None:
-                e, r = pair.zero_filled(region)
-                out[region] = (float(np.mean(self.pixel_error(e, r))), None)
+                value = float(np.mean(self._error(*pair.zero_filled(region, 'uint8'))))
             else:
                 if err is None:
-                    err = self.pixel_error(pair.edit, pair.ref)
-                out[region] = (region_mean(err, mask), None)
+                    err = self._error(pair.edit_u8, pair.ref_u8)
+                value = region_mean(err, mask)
+            out[region] = (value / self.unit, None)
         return out
 
 
@@ -40,9 +50,10 @@ class L1(PixelErrorMetric):
     """Mean absolute difference on [0, 1] images (MagicBrush L1). Lower is better."""
 
     higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[float] = 255.0
 
-    def pixel_error(self, edit: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return np.abs(edit - ref)
+    def pixel_error(self, diff: np.ndarray) -> np.ndarray:
+        return np.abs(diff)
 
 
 @METRICS.register("l2")
@@ -50,9 +61,10 @@ class L2(PixelErrorMetric):
     """Mean squared difference on [0, 1] images (MagicBrush L2, i.e. an MSE). Lower is better."""
 
     higher_is_better: ClassVar[bool] = False
+    unit: ClassVar[float] = 255.0 ** 2
 
-    def pixel_error(self, edit: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        return (edit - ref) ** 2
+    def pixel_error(self, diff: np.ndarray) -> np.ndarray:
+        return diff * diff
 
 
 @METRICS.register("psnr")
@@ -98,7 +110,8 @@ class PSNR(ImageMetric):
         out: dict[str, tuple[float, str | None]] = {}
         for region, mask in pair.masks.items():
             if mask is None or self.rule == "zero_fill":
-                out[region] = self._torchmetrics_psnr(*pair.zero_filled(region))
+                out[region] = self._torchmetrics_psnr(*pair.zero_filled(region, "float32"))
             else:
-                out[region] = self._formula(region_mean((pair.edit - pair.ref) ** 2, mask))
+                diff = pair.edit_u8.astype(np.int32) - pair.ref_u8
+                out[region] = self._formula(region_mean(diff * diff, mask) / 255.0**2)
         return out

@@ -42,9 +42,9 @@ class SSIM(ImageMetric):
         import torch
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        # float32 like the papers' scripts (uint8 / 255 tensors); float64 convs are ~10x slower.
-        # HWC arrays viewed as NCHW (channels-last strides, no copy): the CPU convolution is then
-        # about twice as fast as on a contiguous NCHW copy, with the same values.
+        # float32 like the papers' scripts (uint8 / 255 tensors: ImagePair.float32); float64
+        # convs are ~10x slower. HWC arrays viewed as NCHW (channels-last strides, no copy): the
+        # CPU convolution is then about twice as fast as on a contiguous NCHW copy, same values.
         p = torch.from_numpy(np.asarray(edit, dtype=np.float32)).permute(2, 0, 1)[None]
         t = torch.from_numpy(np.asarray(ref, dtype=np.float32)).permute(2, 0, 1)[None]
         res = structural_similarity_index_measure(
@@ -67,14 +67,14 @@ class SSIM(ImageMetric):
         whole = None
         need_map = self.rule == "area" and any(m is not None for m in pair.masks.values())
         if need_map:
-            whole = self.ssim(pair.edit, pair.ref, full=True)  # (torchmetrics' scalar, HxWxC map)
+            whole = self.ssim(*pair.float32, full=True)  # (torchmetrics' scalar, HxWxC map)
         elif "all" in pair.masks:
-            whole = (self.ssim(pair.edit, pair.ref), None)  # the scalar alone: no map to build
+            whole = (self.ssim(*pair.float32), None)  # the scalar alone: no map to build
         for region, mask in pair.masks.items():
             if mask is None:
                 out[region] = (whole[0], None)
             elif self.rule == "zero_fill":
-                out[region] = (self.ssim(*pair.zero_filled(region)), None)
+                out[region] = (self.ssim(*pair.zero_filled(region, "float32")), None)
             else:
                 out[region] = (region_mean(whole[1], mask), None)
         return out
