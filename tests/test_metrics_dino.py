@@ -356,11 +356,10 @@ def test_structure_distance_source_keys_cached(monkeypatch):
     v2 = m.score_batch([ScoringItem(s, edit_of(s, 1)), ScoringItem(s, edit_of(s, 2))])
     assert sum(seen) == 4  # two edits, the source from the cache
     assert v2[0][0].value == pytest.approx(v1, rel=1e-4)  # float32 noise of another batch shape
-    # the budget bounds the cache (least recently used out)
+    # the budget bounds the cache: once full it keeps its first entries (a sweep rescans in order)
     small = dm.FeatureCache(max_bytes=100)
-    for k in (1, 2, 3):
-        small.put(("k", k), np.zeros(10, np.float32))
-    assert small.get(("k", 1)) is None and small.get(("k", 3)) is not None and small.nbytes == 80
+    assert [small.put(("k", k), np.zeros(10, np.float32)) for k in (1, 2, 3)] == [True, True, False]
+    assert small.get(("k", 1)) is not None and small.get(("k", 3)) is None and small.nbytes == 80
 
 
 # -- weights ---------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ._feature_cache import image_hash
 from .base import resolve_device
 
 ALLOW_DOWNLOADS_ENV = "EDIT_HARNESS_ALLOW_DOWNLOADS"
@@ -289,13 +290,6 @@ class FeatureCache:
 
 
 FEATURES = FeatureCache()
-
-
-def image_hash(img: np.ndarray) -> str:
-    a = np.ascontiguousarray(img)
-    h = hashlib.sha1(f"{a.shape}|{a.dtype}|".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def text_hash(text: str) -> str:

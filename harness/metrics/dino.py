@@ -83,12 +83,12 @@ CLS embeddings (all images; they are tiny) for ``dino``, and for ``structure_dis
 reference's block-11 keys (T x D float32; the T x T self-similarity is a cheap product of them,
 recomputed identically on use, and for non-square inputs the keys are the smaller of the two).
 The key cache is bounded (``feature_cache_mb``, default 2048 MB: 700 PIE-Bench sources at 2.4 MB
-each fit), least recently used first out. Scoring a second method on the same dataset runs the
+each fit); once full it keeps what it has (``_feature_cache``: the right policy for sweeps that
+scan the dataset in the same order for each method). Scoring a second method on the same dataset runs the
 network on its edits only.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import importlib.util
@@ -103,6 +103,7 @@ import numpy as np
 from ..registry import METRICS
 from ..types import Sample, ScoreValue
 from ._clip_models import RANDOM_WEIGHTS_TEXT
+from ._feature_cache import FeatureCache, image_hash
 from .base import (
     REFERENCES,
     Metric,
@@ -469,71 +470,14 @@ def load_dino(model: str, weights_path: str | None = None, device: str = "auto",
 # --------------------------------------------------------------------------------------------
 # Feature cache
 # --------------------------------------------------------------------------------------------
-class FeatureCache:
-    """Per-process features keyed by (model key, kind, content sha1), LRU within a byte budget."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self._mem: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> np.ndarray | None:
-        with self._lock:
-            v = self._mem.get(key)
-            if v is not None:
-                self._mem.move_to_end(key)
-            return v
-
-    def put(self, key: tuple, value: np.ndarray) -> None:
-        value = np.ascontiguousarray(value, dtype=np.float32)
-        value.setflags(write=False)
-        with self._lock:
-            old = self._mem.pop(key, None)
-            if old is not None:
-                self._bytes -= old.nbytes
-            if value.nbytes > self.max_bytes:
-                return
-            self._mem[key] = value
-            self._bytes += value.nbytes
-            self._evict()
-
-    def grow(self, max_bytes: int) -> None:
-        """Raise the budget to at least ``max_bytes`` (several metrics share one cache)."""
-        with self._lock:
-            self.max_bytes = max(self.max_bytes, int(max_bytes))
-
-    def _evict(self) -> None:
-        while self._bytes > self.max_bytes and self._mem:
-            _, v = self._mem.popitem(last=False)
-            self._bytes -= v.nbytes
-
-    def clear(self) -> None:
-        with self._lock:
-            self._mem.clear()
-            self._bytes = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def __len__(self) -> int:
-        return len(self._mem)
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    a.setflags(write=False)
+    return a
 
 
 CLS_FEATURES = FeatureCache(256 << 20)  # CLS embeddings: 1.5-3 KB each
 KEY_FEATURES = FeatureCache(0)  # block keys of reference images; budget set by the metrics
-
-
-def image_hash(img: np.ndarray, mask: np.ndarray | None = None) -> str:
-    """sha1 of the image bytes (with shape and dtype), and of the region mask when one applies."""
-    a = np.ascontiguousarray(img)
-    h = hashlib.sha1(f"{a.shape}|{a.dtype}|".encode())
-    h.update(a.tobytes())
-    if mask is not None:
-        h.update(b"|mask|")
-        h.update(np.packbits(np.ascontiguousarray(mask, dtype=bool)).tobytes())
-    return h.hexdigest()
 
 
 def _check_rgb(img: np.ndarray) -> np.ndarray:
@@ -690,7 +634,7 @@ class Dino(_DinoMetric):
             with torch.no_grad():
                 feats = bundle.cls(x).float().cpu().numpy()
             for h, f in zip(chunk, feats):
-                CLS_FEATURES.put((bundle.key, "cls", h), f)
+                CLS_FEATURES.put((bundle.key, "cls", h), _frozen(f))
                 out[h] = f
         if not hashes:
             return np.zeros((0, self.arch.dim))
@@ -865,7 +809,7 @@ class StructureDistance(_DinoMetric):
             for h, k in zip(todo, computed):
                 feats[h] = k
                 if needed[h][2]:
-                    KEY_FEATURES.put((bundle.key, pk, h), k.cpu().numpy())
+                    KEY_FEATURES.put((bundle.key, pk, h), _frozen(k.cpu().numpy()))
             with torch.no_grad():
                 for (i, r, *_), (hr, he) in zip(jobs, pairs):
                     s_ref = key_self_similarity(feats[hr][None])

@@ -78,6 +78,7 @@ import numpy as np
 
 from ..registry import METRICS
 from ..types import ScoreValue
+from ._feature_cache import image_hash
 from .base import resolve_device, MetricUnavailable, ScoringItem, SetMetric
 from .perceptual import torch_hub_dir
 
@@ -140,14 +141,6 @@ def file_sha256(path: Path) -> str:
                 h.update(chunk)
         _FILE_HASHES[key] = h.hexdigest()
     return _FILE_HASHES[key]
-
-
-def image_hash(img: np.ndarray) -> str:
-    """Content hash of an image array (shape, dtype and bytes)."""
-    a = np.ascontiguousarray(img)
-    h = hashlib.sha1(f"{a.shape}{a.dtype}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _short_hash(obj: Any, n: int = 20) -> str:
