@@ -8,9 +8,10 @@ the real networks, the numbers mean nothing.
 
 Reference loop: MagicBrush's ``evaluation/image_eval.py`` structure, one pass per metric, one
 pair at a time, images read from disk in each pass (as ``eval_distance``/``eval_clip_i``/
-``eval_clip_t`` do), the model called on one image at a time; ``eval_clip_t`` also encodes the
-ground truth (the script reports the ground truth's CLIP-T beside the edit's), so this loop does
-too. PSNR/SSIM/LPIPS are the PIE-Bench-style per-pair torchmetrics/lpips calls. Same models,
+``eval_clip_t`` do), the model called on one image at a time through its own full forward
+(open_clip's ``encode_image``/``encode_text`` at the 77-token context, DINO's every-token
+forward); ``eval_clip_t`` also encodes the ground truth (the script reports the ground truth's
+CLIP-T beside the edit's), so this loop does too. PSNR/SSIM/LPIPS are the PIE-Bench-style per-pair torchmetrics/lpips calls. Same models,
 same preprocessing as the harness: the values must agree (checked, max |difference| printed).
 
 Harness: ``Job.score_all`` of the runner (dataset decode, batches of ``batch_size``, every metric,
@@ -200,7 +201,8 @@ def main() -> None:
             records, _, _ = job.edit_all(job.dataset.refs())  # edits are not timed: scoring only
             jobs[label] = (job, records)
 
-        # Load every model once, untimed, for both sides (one model load per process).
+        # Load every model once, untimed, for both sides. (The script loads CLIP twice and DINO
+        # once per run, the harness each once per process; at 24 pairs the loads would dominate.)
         job_a = jobs["A"][0]
         for e in job_a.suite.edit_entries:
             e.metric.load()

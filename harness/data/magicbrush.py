@@ -46,7 +46,9 @@ Settings (loader parameter ``setting``), as ``edit_cli_single_multi_turn.py`` ma
   of a session, so that a session's turns stay together, in order, in one job.
 
 Masks. ``image_eval.py`` never reads the masks; MagicBrush's annotators drew them in DALL-E 2's
-editor, whose convention is that fully transparent pixels (alpha 0) mark the region to edit.
+editor, whose convention is that fully transparent pixels (alpha 0) mark the region to edit, and
+the Hugging Face dataset card (osunlp/MagicBrush) describes ``mask_img`` as a "free-form mask
+image (white region)" marking the region to edit: hence ``auto``'s ``white`` fallback.
 ``mask_convention``: ``transparent`` (alpha < 128 = edited; the file must have alpha),
 ``white`` (grey level > 127 = edited, alpha ignored), ``black`` (grey level <= 127 = edited), or
 ``auto`` (default): ``transparent`` when the file has an alpha channel that is not fully opaque,
