@@ -24,6 +24,7 @@ Usage: python benchmarks/bench_scoring.py [--suite magicbrush|full] [--n 24] [--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -44,32 +45,100 @@ CAPTIONS = ["a red ball on a wooden table", "a cat wearing a blue hat", "a snowy
             "a bowl of green apples", "a yellow car parked on a street", "a dog running on the beach"]
 
 
-def make_data(root: Path, n: int, size: int) -> tuple[dict, Path, Path]:
-    """n source/target pairs with captions, and two edit folders (methods A and B)."""
-    rng = np.random.default_rng(0)
+def _images(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A source, its ground-truth target (a coloured disc pasted), and two methods' edits."""
     y, x = np.mgrid[0:size, 0:size]
-    for d in ("images", "targets", "A", "B"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    lines = []
+    base = np.stack([x, y, (x + y) // 2], -1).astype(np.float64) * 255 / size
+    src = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    tgt = src.copy()
+    c, r = rng.integers(size // 4, 3 * size // 4, 2), size // 6
+    tgt[(y - c[0]) ** 2 + (x - c[1]) ** 2 <= r * r] = rng.integers(0, 255, 3)
+    a = np.clip(tgt.astype(int) + rng.integers(-20, 20, tgt.shape), 0, 255).astype(np.uint8)
+    b = np.clip(src.astype(int) + rng.integers(-30, 30, src.shape), 0, 255).astype(np.uint8)
+    return src, tgt, a, b
+
+
+def _save(path: Path, img: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(path, compress_level=1)
+
+
+@dataclasses.dataclass
+class Setup:
+    """What both sides score: per method label, its jobs (dataset config, edits folder, reference
+    pair list name); per reference pair list, its sample ids; per sample id, ground truth and caption."""
+
+    jobs: dict[str, list[tuple[dict, Path, str]]]
+    lists: dict[str, list[str]]
+    truth: dict[str, tuple[Path, str]]
+
+
+def make_pairs(root: Path, n: int, size: int) -> Setup:
+    """n source/target pairs with captions (a generic dataset), and two edit folders (methods A and B)."""
+    rng = np.random.default_rng(0)
+    lines, truth = [], {}
     for i in range(n):
-        base = np.stack([x, y, (x + y) // 2], -1).astype(np.float64) * 255 / size
-        src = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
-        tgt = src.copy()
-        c, r = rng.integers(size // 4, 3 * size // 4, 2), size // 6
-        disc = (y - c[0]) ** 2 + (x - c[1]) ** 2 <= r * r
-        tgt[disc] = rng.integers(0, 255, 3)
-        a = np.clip(tgt.astype(int) + rng.integers(-20, 20, tgt.shape), 0, 255).astype(np.uint8)
-        b = np.clip(src.astype(int) + rng.integers(-30, 30, src.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(src).save(root / "images" / f"{i:04d}.png", compress_level=1)
-        Image.fromarray(tgt).save(root / "targets" / f"{i:04d}.png", compress_level=1)
-        Image.fromarray(a).save(root / "A" / f"p{i:04d}.png", compress_level=1)
-        Image.fromarray(b).save(root / "B" / f"p{i:04d}.png", compress_level=1)
-        lines.append(json.dumps({"id": f"p{i:04d}", "source": f"images/{i:04d}.png", "target": f"targets/{i:04d}.png",
-                                 "target_caption": CAPTIONS[i % len(CAPTIONS)] + f" number {i}",
-                                 "instruction": "change it", "category": "change_object"}))
+        sid = f"p{i:04d}"
+        src, tgt, a, b = _images(rng, size)
+        _save(root / "images" / f"{i:04d}.png", src)
+        _save(root / "targets" / f"{i:04d}.png", tgt)
+        _save(root / "A" / f"{sid}.png", a)
+        _save(root / "B" / f"{sid}.png", b)
+        caption = CAPTIONS[i % len(CAPTIONS)] + f" number {i}"
+        truth[sid] = (root / "targets" / f"{i:04d}.png", caption)
+        lines.append(json.dumps({"id": sid, "source": f"images/{i:04d}.png", "target": f"targets/{i:04d}.png",
+                                 "target_caption": caption, "instruction": "change it", "category": "change_object"}))
     (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
     (root / "card.yaml").write_text("name: bench_pairs\nformat: generic\nversion: 1\n")
-    return {"name": "bench_pairs", "format": "generic", "root": str(root)}, root / "A", root / "B"
+    ds = {"name": "bench_pairs", "format": "generic", "root": str(root)}
+    return Setup({m: [(ds, root / m, "pairs")] for m in ("A", "B")}, {"pairs": list(truth)}, truth)
+
+
+def make_sessions(root: Path, n: int, size: int) -> Setup:
+    """MagicBrush's test layout with n turns in sessions of 1, 2 and 3 turns (2 on average, as the
+    test set's 1053 turns in 535 sessions), and each method's edits in both settings: ``inde``
+    (single_turn: every turn from its ground-truth input) and ``iter`` (multi_turn: chained; turn 1
+    is the same edit). image_eval.py scores the final-turn pairs, then the all-turn pairs."""
+    rng = np.random.default_rng(0)
+    test = root / "test"
+    sessions: dict[str, list[dict]] = {}
+    local: dict[str, dict[str, str]] = {}
+    glob: dict[str, dict[str, str]] = {}
+    truth: dict[str, tuple[Path, str]] = {}
+    lists: dict[str, list[str]] = {"final turn": [], "all turns": []}
+    done, k = 0, 0
+    while done < n:
+        img_id, turns = f"{100 + k}", min((1, 2, 3)[k % 3], n - done)
+        src, *_ = _images(rng, size)
+        _save(test / "images" / img_id / f"{img_id}-input.png", src)
+        glob[img_id] = {f"{img_id}-input.png": f"{CAPTIONS[k % len(CAPTIONS)]}, photo {img_id}"}
+        local[img_id], sessions[img_id] = {}, []
+        prev = f"{img_id}-input.png"
+        for t in range(1, turns + 1):
+            sid, out = f"{img_id}_{t}", f"{img_id}-output{t}.png"
+            _, tgt, a, b = _images(rng, size)
+            _save(test / "images" / img_id / out, tgt)
+            _save(test / "images" / img_id / f"{img_id}-mask{t}.png", np.full((size, size), 255, np.uint8))
+            sessions[img_id].append({"input": prev, "mask": f"{img_id}-mask{t}.png", "output": out,
+                                     "instruction": f"edit {t}"})
+            local[img_id][out] = f"{CAPTIONS[(k + t) % len(CAPTIONS)]} after edit {t} of {img_id}"
+            glob[img_id][out] = local[img_id][out]
+            truth[sid] = (test / "images" / img_id / out, local[img_id][out])
+            for m, edit in (("A", a), ("B", b)):
+                _save(root / f"{m}_inde" / f"{sid}.png", edit)
+                chained = edit if t == 1 else np.clip(edit.astype(int) + rng.integers(-10, 10, edit.shape), 0, 255)
+                _save(root / f"{m}_iter" / f"{sid}.png", chained.astype(np.uint8))
+            lists["all turns"].append(sid)
+            prev = out
+        lists["final turn"].append(f"{img_id}_{turns}")
+        done, k = done + turns, k + 1
+    for name, obj in (("edit_sessions.json", sessions), ("local_descriptions.json", local),
+                      ("global_descriptions.json", glob)):
+        (test / name).write_text(json.dumps(obj))
+    ds = {"name": "bench_magicbrush", "format": "magicbrush", "root": str(test)}
+    jobs = {m: [({**ds, "setting": "single_turn"}, root / f"{m}_inde", "all turns"),
+                ({**ds, "setting": "multi_turn"}, root / f"{m}_iter", "final turn")] for m in ("A", "B")}
+    return Setup(jobs, lists, truth)
 
 
 SUITES = {
@@ -169,48 +238,51 @@ def reference_loop(pairs: list[tuple[Path, Path, str]], models: dict, metrics: t
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--n", type=int, default=24, help="pairs (layout pairs) or turns (layout sessions)")
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--suite", choices=sorted(SUITES), default="magicbrush",
                     help="magicbrush: the protocol as published; full: plus PSNR, SSIM and LPIPS AlexNet")
+    ap.add_argument("--layout", choices=("pairs", "sessions"), default="pairs",
+                    help="pairs: one list of n pairs; sessions: MagicBrush's test layout (sessions of 1-3 "
+                         "turns), scored as image_eval.py does in one run (final-turn pairs, then all-turn "
+                         "pairs) vs the harness's single_turn and multi_turn jobs")
     ap.add_argument("--device", default="cpu", help="cpu (the recorded figures) or cuda")
     ap.add_argument("--profile", action="store_true", help="also print the harness's time per metric")
     a = ap.parse_args()
 
     import torch
 
-    from harness.metrics import _clip_models, dino as dino_metrics
+    from harness.metrics import dino as dino_metrics
 
     # Library imports are not timed (either side would pay them once per process).
     import torchmetrics.functional.image  # noqa: F401
     import torchvision.transforms  # noqa: F401
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus; "
-          f"suite {a.suite} {SUITES[a.suite]}; {a.n} pairs at {a.size}x{a.size}, batch {a.batch}, device {a.device}"
-          + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") else ""))
+          f"suite {a.suite} {SUITES[a.suite]}; layout {a.layout}, n {a.n} at {a.size}x{a.size}, batch {a.batch}, "
+          f"device {a.device}" + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") else ""))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ds, dir_a, dir_b = make_data(tmp / "data", a.n, a.size)
-        jobs = {}
-        for label, folder in (("A", dir_a), ("B", dir_b)):
-            cfg = JobConfig(method={"name": "folder", "path": str(folder), "label": label}, dataset=ds,
-                            metrics=suite_config(a.batch, a.suite, a.device), run_name="bench", results_dir=str(tmp / "res"),
-                            progress=False)
-            job = Job(cfg)
-            records, _, _ = job.edit_all(job.dataset.refs())  # edits are not timed: scoring only
-            jobs[label] = (job, records)
+        setup = (make_pairs if a.layout == "pairs" else make_sessions)(tmp / "data", a.n, a.size)
+        jobs: dict[str, list[tuple[Job, list, str]]] = {}
+        for label, entries in setup.jobs.items():
+            for ds, folder, list_name in entries:
+                cfg = JobConfig(method={"name": "folder", "path": str(folder), "label": label}, dataset=ds,
+                                metrics=suite_config(a.batch, a.suite, a.device), run_name="bench",
+                                results_dir=str(tmp / "res"), progress=False)
+                job = Job(cfg)
+                records, _, _ = job.edit_all(job.dataset.refs())  # edits are not timed: scoring only
+                jobs.setdefault(label, []).append((job, records, list_name))
 
         # Load every model once, untimed, for both sides. (The script loads CLIP twice and DINO
         # once per run, the harness each once per process; at 24 pairs the loads would dominate.)
-        job_a = jobs["A"][0]
-        for e in job_a.suite.edit_entries:
-            e.metric.load()
-            e.loaded = True
-        for e in jobs["B"][0].suite.edit_entries:
-            e.metric.load()
-            e.loaded = True
-        by_name = {e.name: e.metric for e in job_a.suite.edit_entries}
+        for label in jobs:
+            for job, _, _ in jobs[label]:
+                for e in job.suite.edit_entries:
+                    e.metric.load()
+                    e.loaded = True
+        by_name = {e.name: e.metric for e in jobs["A"][0][0].suite.edit_entries}
         models = {"clip": by_name["clip_i"].bundle,
                   "dino": dino_metrics.reference_model_and_transform(by_name["dino"])}
         if "lpips" in by_name:
@@ -218,52 +290,58 @@ def main() -> None:
 
         per_metric: dict[str, dict[str, float]] = {"A": {}, "B": {}}
         if a.profile:
-            for label in ("A", "B"):
-                suite = jobs[label][0].suite
-                orig = suite.score
+            for label in jobs:
+                for job, _, _ in jobs[label]:
+                    orig = job.suite.score
 
-                def timed(entry, items, _orig=orig, _label=label):
-                    t = time.perf_counter()
-                    try:
-                        return _orig(entry, items)
-                    finally:
-                        d = per_metric[_label]
-                        d[entry.name] = d.get(entry.name, 0.0) + time.perf_counter() - t
+                    def timed(entry, items, _orig=orig, _label=label):
+                        t = time.perf_counter()
+                        try:
+                            return _orig(entry, items)
+                        finally:
+                            d = per_metric[_label]
+                            d[entry.name] = d.get(entry.name, 0.0) + time.perf_counter() - t
 
-                suite.score = timed
-        t0 = time.perf_counter()
-        scores_a, _ = jobs["A"][0].score_all(jobs["A"][1])
-        t_a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        jobs["B"][0].score_all(jobs["B"][1])
-        t_b = time.perf_counter() - t0
+                    job.suite.score = timed
+        t_side: dict[str, float] = {}
+        ours: dict[str, dict[str, list[float]]] = {}  # pair list -> metric -> values in list order
+        for label in ("A", "B"):
+            t0 = time.perf_counter()
+            results = [(job.score_all(records)[0], records, list_name) for job, records, list_name in jobs[label]]
+            t_side[label] = time.perf_counter() - t0
+            if label == "A":
+                for scores, records, list_name in results:
+                    by_id = {ref.id: scores[key] for ref, key, _ in records if key in scores}
+                    for sid in setup.lists[list_name]:
+                        for v in by_id[sid]:
+                            ours.setdefault(list_name, {}).setdefault(v.metric, []).append(v.value)
 
-        pairs = [(dir_a / f"{ref.id}.png", tmp / "data" / "targets" / f"{int(ref.id[1:]):04d}.png",
-                  json.loads(line)["target_caption"])
-                 for ref, line in zip(jobs["A"][0].dataset.refs(),
-                                      (tmp / "data" / "manifest.jsonl").read_text().splitlines())]
+        # image_eval.py's run: each pair list in turn (final turn first), every metric over it.
+        folder_a = {list_name: folder for _, folder, list_name in setup.jobs["A"]}
         t0 = time.perf_counter()
-        ref_vals = reference_loop(pairs, models, SUITES[a.suite], a.device)
+        ref_vals = {name: reference_loop([(folder_a[name] / f"{sid}.png", *setup.truth[sid]) for sid in sids],
+                                         models, SUITES[a.suite], a.device)
+                    for name, sids in sorted(setup.lists.items(), key=lambda kv: kv[0] != "final turn")}
         t_ref = time.perf_counter() - t0
 
-        ours = {}
-        for ref, key, _ in jobs["A"][1]:
-            for v in scores_a[key]:
-                ours.setdefault(v.metric, []).append(v.value)
         print("max |harness - reference| per metric:")
         worst = 0.0
-        for m, vals in ref_vals.items():
-            d = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(ours[m], vals))
-            worst = max(worst, d)
-            print(f"  {m:8s} {d:.2e}")
-        print(f"reference per-sample loop:  {t_ref:7.2f} s  ({1000 * t_ref / a.n:6.1f} ms/pair)")
-        print(f"harness, method A (cold):   {t_a:7.2f} s  ({1000 * t_a / a.n:6.1f} ms/pair)")
-        print(f"harness, method B (cached): {t_b:7.2f} s  ({1000 * t_b / a.n:6.1f} ms/pair)")
+        for name, vals_by_metric in ref_vals.items():
+            for m, vals in vals_by_metric.items():
+                got = ours[name][m]
+                d = max(abs(x - y) / max(1.0, abs(y)) for x, y in zip(got, vals)) if len(got) == len(vals) else math.nan
+                worst = max(worst, d) if not math.isnan(d) else d
+                print(f"  {m:8s} {d:.2e}" + (f"  ({name}: {len(vals)} pairs)" if len(ref_vals) > 1 else ""))
+        n_pairs = sum(len(v) for v in setup.lists.values())
+        print(f"reference per-sample loop:  {t_ref:7.2f} s  ({1000 * t_ref / n_pairs:6.1f} ms per scored pair, "
+              f"{n_pairs} pairs)")
+        print(f"harness, method A (cold):   {t_side['A']:7.2f} s")
+        print(f"harness, method B (cached): {t_side['B']:7.2f} s")
         if a.profile:
             print("harness seconds per metric (A / B): " + ", ".join(
                 f"{m} {per_metric['A'][m]:.2f}/{per_metric['B'].get(m, 0):.2f}" for m in per_metric["A"]))
-        print(f"speed-up reference / A:     {t_ref / t_a:5.2f}x   (target >= 3)")
-        print(f"second method B / A:        {t_b / t_a:5.2f}    (target <= 0.60)")
+        print(f"speed-up reference / A:     {t_ref / t_side['A']:5.2f}x   (target >= 3)")
+        print(f"second method B / A:        {t_side['B'] / t_side['A']:5.2f}    (target <= 0.60)")
         ok = worst < 1e-4
         print("values agree (rel 1e-4)" if ok else "VALUES DIFFER")
         if not ok or math.isnan(worst):

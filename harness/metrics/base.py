@@ -246,7 +246,9 @@ class ImagePair:
         papers' scripts): torch's ``div(255)`` on float32, which is not numpy's ``/ 255``."""
         import torch
 
-        return tuple(torch.from_numpy(a).to(torch.float32).div(255).numpy()  # type: ignore[return-value]
+        # uint8 -> float32 is exact in numpy (and gives a writable copy for torch); the division
+        # is torch's, as in ToTensor.
+        return tuple(torch.from_numpy(a.astype(np.float32)).div_(255).numpy()  # type: ignore[return-value]
                      for a in (self.edit_u8, self.ref_u8))
 
     @property
