@@ -172,7 +172,10 @@ def reference_loop(pairs: list[tuple[Path, Path, str]], models: dict, metrics: t
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
     from torchvision.transforms import ToTensor
 
-    to_tensor = ToTensor()
+    to_tensor = ToTensor()  # MagicBrush's eval_distance
+
+    def pie_tensor(img):  # PIE-Bench's MetricsCalculator: numpy float32 / 255, then a tensor
+        return torch.tensor(np.array(img).astype(np.float32) / 255).permute(2, 0, 1).unsqueeze(0)
     out: dict[str, list[float]] = {}
 
     def open_pair(gen_path, gt_path):
@@ -198,7 +201,7 @@ def reference_loop(pairs: list[tuple[Path, Path, str]], models: dict, metrics: t
             vals = []
             for gen_path, gt_path, _ in pairs:
                 gen, gt = open_pair(gen_path, gt_path)
-                vals.append(float(fn(to_tensor(gen)[None].to(device), to_tensor(gt)[None].to(device), data_range=1.0)))
+                vals.append(float(fn(pie_tensor(gen).to(device), pie_tensor(gt).to(device), data_range=1.0)))
             out[name] = vals
         lp = models.get("lpips")  # the harness's lpips.LPIPS module (built spatial=True): plain value here
         if lp is not None:
@@ -207,7 +210,7 @@ def reference_loop(pairs: list[tuple[Path, Path, str]], models: dict, metrics: t
             try:
                 for gen_path, gt_path, _ in pairs:
                     gen, gt = open_pair(gen_path, gt_path)
-                    vals.append(float(lp(to_tensor(gen)[None].to(device) * 2 - 1, to_tensor(gt)[None].to(device) * 2 - 1)))
+                    vals.append(float(lp(pie_tensor(gen).to(device) * 2 - 1, pie_tensor(gt).to(device) * 2 - 1)))
             finally:
                 lp.spatial = True
             out["lpips"] = vals

@@ -110,10 +110,9 @@ def test_psnr_by_hand_and_torchmetrics():
     import torch
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
-    # on float32 tensors, as ToTensor makes them in the papers' scripts
-    from torchvision.transforms.functional import to_tensor
-
-    p, t = to_tensor(edit)[None], to_tensor(sample.source)[None]
+    # on float32 tensors made as PIE-Bench's MetricsCalculator.calculate_psnr makes them
+    p = torch.tensor(edit.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    t = torch.tensor(sample.source.astype(np.float32) / 255).permute(2, 0, 1)[None]
     assert v["all"] == float(peak_signal_noise_ratio(p, t, data_range=1.0))
 
 
@@ -611,9 +610,7 @@ def test_landmark_predictor_resolution(tmp_path, monkeypatch):
     assert "does not exist" in lm.resolve_predictor(str(tmp_path / "nope.dat"))
 
 
-def test_image_pair_float32_is_to_tensor_and_pixel_errors_stay_integer():
-    from torchvision.transforms.functional import to_tensor
-
+def test_image_pair_float32_as_pie_bench_and_pixel_errors_stay_integer():
     src, edit = textured(9, 7, 1), textured(9, 7, 2)
     mask = np.zeros((9, 7), bool)
     mask[2:6, 1:4] = True
@@ -621,8 +618,8 @@ def test_image_pair_float32_is_to_tensor_and_pixel_errors_stay_integer():
     m = make("l1", regions=["all", "edited"])
     pair = m.prepare(ScoringItem(sample, edit))
     e32, r32 = pair.float32
-    assert e32.dtype == np.float32 and np.array_equal(e32, to_tensor(edit).numpy().transpose(1, 2, 0))
-    assert np.array_equal(r32, to_tensor(src).numpy().transpose(1, 2, 0))
+    assert e32.dtype == np.float32 and np.array_equal(e32, np.array(edit).astype(np.float32) / 255)
+    assert np.array_equal(r32, np.array(src).astype(np.float32) / 255)
     # L1 and L2 work on the uint8 differences: no float copy of either image is made
     got = {name: make(name, regions=["all", "edited"]).compute_pair(pair) for name in ("l1", "l2")}
     assert "edit" not in pair.__dict__ and "ref" not in pair.__dict__

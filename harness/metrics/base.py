@@ -242,14 +242,10 @@ class ImagePair:
 
     @functools.cached_property
     def float32(self) -> tuple[np.ndarray, np.ndarray]:
-        """(edit, ref) as float32 in [0, 1], bit for bit what torchvision's ToTensor makes (the
-        papers' scripts): torch's ``div(255)`` on float32, which is not numpy's ``/ 255``."""
-        import torch
-
-        # uint8 -> float32 is exact in numpy (and gives a writable copy for torch); the division
-        # is torch's, as in ToTensor.
-        return tuple(torch.from_numpy(a.astype(np.float32)).div_(255).numpy()  # type: ignore[return-value]
-                     for a in (self.edit_u8, self.ref_u8))
+        """(edit, ref) as float32 in [0, 1], bit for bit as PIE-Bench's ``MetricsCalculator`` makes
+        them for PSNR, SSIM, LPIPS and MSE (``np.array(img).astype(np.float32) / 255``). torchvision's
+        ``ToTensor`` divides in torch and can differ in the last bit (~1e-7 on a PSNR)."""
+        return self.edit_u8.astype(np.float32) / 255, self.ref_u8.astype(np.float32) / 255
 
     @property
     def shape(self) -> tuple[int, int]:

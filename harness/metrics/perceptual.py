@@ -232,8 +232,9 @@ class LPIPS(ImageMetric):
     AlexNet LPIPS measured 116 ms per pair one at a time vs 142 ms in batches of 16, 2 cores),
     ``feature_cache_mb`` (1024; 0 turns it off): the reference side's backbone activations do
     not depend on the method, so they are kept in memory (keyed by the sha1 of the input image
-    and the model) and a second method on the same dataset runs the backbone on its edits only.
-    AlexNet at 512 px keeps 10.5 MB per image; once the budget is full, later images are not kept.
+    and the model; in host memory) and a second method on the same dataset runs the backbone on its
+    edits only. AlexNet at 512 px keeps 10.5 MB per image; once the budget is full, later images
+    are not kept.
     """
 
     higher_is_better: ClassVar[bool] = False
@@ -356,7 +357,9 @@ class LPIPS(ImageMetric):
         """:func:`lpips_features` of the reference images, batched: cached ones reused, the rest computed and kept."""
         import torch
 
+        # Kept in host memory (on a GPU the budget would otherwise compete with the methods' models).
         per_image: list[Any] = [REFERENCE_FEATURES.get(k) if self.cache_bytes else None for k in keys]
+        per_image = [None if f is None else tuple(t.to(self._device) for t in f) for f in per_image]
         todo = [j for j, f in enumerate(per_image) if f is None]
         if todo:
             fresh = lpips_features(self._model, self._to_tensor([images[j] for j in todo]))
@@ -364,7 +367,7 @@ class LPIPS(ImageMetric):
                 one = tuple(f[n:n + 1].clone() if len(todo) > 1 else f for f in fresh)
                 per_image[j] = one
                 if self.cache_bytes:
-                    REFERENCE_FEATURES.put(keys[j], one)
+                    REFERENCE_FEATURES.put(keys[j], tuple(t.cpu() for t in one))
         if len(per_image) == 1:
             return list(per_image[0])
         return [torch.cat([f[k] for f in per_image]) for k in range(self._model.L)]

@@ -97,8 +97,10 @@ class PSNR(ImageMetric):
 
         if np.array_equal(edit, ref):
             return math.inf, "identical"
-        p = torch.from_numpy(np.ascontiguousarray(edit.transpose(2, 0, 1)))[None]
-        t = torch.from_numpy(np.ascontiguousarray(ref.transpose(2, 0, 1)))[None]
+        # HWC memory viewed as NCHW, as PIE-Bench's torch.tensor(img).permute(2, 0, 1): the same
+        # float32 reduction order, so the same last bits.
+        p = torch.from_numpy(np.ascontiguousarray(edit)).permute(2, 0, 1)[None]
+        t = torch.from_numpy(np.ascontiguousarray(ref)).permute(2, 0, 1)[None]
         return float(peak_signal_noise_ratio(p, t, data_range=self.data_range)), None
 
     def _formula(self, mse: float) -> tuple[float, str | None]:

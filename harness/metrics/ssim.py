@@ -42,7 +42,7 @@ class SSIM(ImageMetric):
         import torch
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        # float32 like the papers' scripts (uint8 / 255 tensors: ImagePair.float32); float64
+        # float32 like the papers' scripts (uint8 / 255 in float32: ImagePair.float32); float64
         # convs are ~10x slower. HWC arrays viewed as NCHW (channels-last strides, no copy): the
         # CPU convolution is then about twice as fast as on a contiguous NCHW copy, same values.
         p = torch.from_numpy(np.asarray(edit, dtype=np.float32)).permute(2, 0, 1)[None]
