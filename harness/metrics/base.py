@@ -156,9 +156,7 @@ def _check_uint8(img: np.ndarray) -> np.ndarray:
 
 def to_float01(img: np.ndarray) -> np.ndarray:
     """RGB uint8 HxWx3 -> float64 HxWx3 in [0, 1]."""
-    if img.dtype != np.uint8:
-        raise TypeError(f"expected uint8 image, got {img.dtype}")
-    return img.astype(np.float64) / 255.0
+    return _check_uint8(img).astype(np.float64) / 255.0
 
 
 def region_masks(sample: Sample, regions: Iterable[str]) -> dict[str, np.ndarray | None]:

@@ -84,8 +84,8 @@ reference's block-11 keys (T x D float32; the T x T self-similarity is a cheap p
 recomputed identically on use, and for non-square inputs the keys are the smaller of the two).
 The key cache is bounded (``feature_cache_mb``, default 2048 MB: 700 PIE-Bench sources at 2.4 MB
 each fit); once full it keeps what it has (``_feature_cache``: the right policy for sweeps that
-scan the dataset in the same order for each method). Scoring a second method on the same dataset runs the
-network on its edits only.
+scan the dataset in the same order for each method). Scoring a second method on the same dataset
+runs the network on its edits only.
 """
 from __future__ import annotations
 

@@ -231,8 +231,8 @@ class LPIPS(ImageMetric):
     forward pass; ``auto``: 8 on a GPU, 1 on the CPU, where batching 512 px images is slower:
     AlexNet LPIPS measured 116 ms per pair one at a time vs 142 ms in batches of 16, 2 cores),
     ``feature_cache_mb`` (1024; 0 turns it off): the reference side's backbone activations do
-    not depend on the method, so they are kept in memory (keyed by the sha1 of the input image
-    and the model; in host memory) and a second method on the same dataset runs the backbone on its
+    not depend on the method, so they are kept in memory (keyed by the sha1 of the reference,
+    its zero-fill mask and the model; in host memory) and a second method on the same dataset runs the backbone on its
     edits only. AlexNet at 512 px keeps 10.5 MB per image; once the budget is full, later images
     are not kept.
     """
@@ -331,8 +331,9 @@ class LPIPS(ImageMetric):
                     e, r = pairs[i].float32 if kind == "whole" else pairs[i].zero_filled(region, "float32")
                     e_list.append(e)
                     r_list.append(r)
-                    ref_u8 = pairs[i].ref_u8 if kind == "whole" else pairs[i].zero_filled(region, "uint8")[1]
-                    r_keys.append((self._model_key, "lpips", image_hash(ref_u8)))
+                    if self.cache_bytes:  # the reference, and the region mask that zero-fills it
+                        mask = None if kind == "whole" else pairs[i].masks[region]
+                        r_keys.append((self._model_key, "lpips", image_hash(pairs[i].ref_u8, mask)))
                 want_map = self.rule == "area" and any(
                     kind == "whole" and any(m is not None for m in pairs[i].masks.values()) for i, kind, _ in chunk
                 )
@@ -357,8 +358,10 @@ class LPIPS(ImageMetric):
         """:func:`lpips_features` of the reference images, batched: cached ones reused, the rest computed and kept."""
         import torch
 
+        if not self.cache_bytes:
+            return lpips_features(self._model, self._to_tensor(images))
         # Kept in host memory (on a GPU the budget would otherwise compete with the methods' models).
-        per_image: list[Any] = [REFERENCE_FEATURES.get(k) if self.cache_bytes else None for k in keys]
+        per_image: list[Any] = [REFERENCE_FEATURES.get(k) for k in keys]
         per_image = [None if f is None else tuple(t.to(self._device) for t in f) for f in per_image]
         todo = [j for j, f in enumerate(per_image) if f is None]
         if todo:
@@ -366,8 +369,7 @@ class LPIPS(ImageMetric):
             for n, j in enumerate(todo):
                 one = tuple(f[n:n + 1].clone() if len(todo) > 1 else f for f in fresh)
                 per_image[j] = one
-                if self.cache_bytes:
-                    REFERENCE_FEATURES.put(keys[j], tuple(t.cpu() for t in one))
+                REFERENCE_FEATURES.put(keys[j], tuple(t.cpu() for t in one))
         if len(per_image) == 1:
             return list(per_image[0])
         return [torch.cat([f[k] for f in per_image]) for k in range(self._model.L)]
