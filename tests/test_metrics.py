@@ -334,7 +334,6 @@ def test_lpips_reference_features_cached_across_methods(no_torchvision_cache, mo
     monkeypatch.setattr(perceptual, "REFERENCE_FEATURES", perceptual.FeatureCache(0))
     mask = np.zeros((32, 32), bool)
     mask[4:20, 6:30] = True
-    src = textured(32, 32, 1)
     samples = [Sample(id=f"s{i}", dataset="d", source=textured(32, 32, i), mask=mask) for i in range(3)]
 
     def run(metric, seed):
