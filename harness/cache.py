@@ -1,8 +1,9 @@
 """Content-addressed store of edits and their scores.
 
-An edit's key hashes (method, method version, resolved parameters, model revision, dataset,
-dataset version, sample id, sample manifest fingerprint, seed). Each edit lives in its own
-folder ``<root>/<key[:2]>/<key>/``::
+An edit's key hashes (method, method version, resolved parameters, model revision, the installed
+versions of the libraries that define the method's numerics, dataset, dataset version, sample
+id, sample fingerprint = its manifest entry and the bytes of each of its input files, seed).
+Each edit lives in its own folder ``<root>/<key[:2]>/<key>/``::
 
     edit.png      the edited image (status ok)
     mask.png      the mask the method used, if any
@@ -10,7 +11,8 @@ folder ``<root>/<key[:2]>/<key>/``::
     scores/<h>.json   one file per metric configuration (hash h), written atomically
 
 All writes go to a temporary file and are renamed into place, so a run killed at any moment
-leaves either a complete edit or none; a rerun recomputes only what is incomplete.
+leaves either a complete edit or none; a rerun recomputes only what is incomplete, and removes
+the temporary files a killed writer left in the folders it writes again.
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .images import read_png, save_json, save_png
+from .fileio import remove_stale_temps, save_json
+from .images import read_png, save_png
 from .types import EditResult, EditStatus, ScoreValue
 
 
@@ -41,15 +44,18 @@ def edit_key(
     sample_id: str,
     sample_fingerprint: str,
     seed: int,
+    libraries: dict[str, str | None],
     previous_edit: str | None = None,
 ) -> str:
-    """The content key of one edit. ``previous_edit``: the key of the edit this one was fed
-    (multi-turn self-fed editing), so that another earlier edit gives another key."""
+    """The content key of one edit. ``libraries``: distribution -> installed version
+    (:meth:`harness.method.Method.library_versions`). ``previous_edit``: the key of the edit
+    this one was fed (multi-turn self-fed editing), so that another earlier edit gives another key."""
     parts: dict[str, Any] = {
         "method": method,
         "method_version": method_version,
         "params": params,
         "model_revision": model_revision,
+        "libraries": libraries,
         "dataset": dataset,
         "dataset_version": dataset_version,
         "sample_id": sample_id,
@@ -117,6 +123,7 @@ class EditStore:
     def put(self, key: str, result: EditResult, extra: dict[str, Any]) -> EditRecord:
         rec = self.record_for(key, result, extra)
         rec.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(rec.folder)
         if result.status == EditStatus.OK:
             assert result.image is not None
             save_png(rec.folder / "edit.png", result.image)
@@ -136,7 +143,9 @@ class EditStore:
 
     def put_scores(self, key: str, metric_hash: str, values: list[ScoreValue]) -> None:
         rows = [{"metric": v.metric, "region": v.region, "value": _encode(v.value), "flag": v.flag} for v in values]
-        save_json(self.folder(key) / "scores" / f"{metric_hash}.json", rows)
+        folder = self.folder(key) / "scores"
+        remove_stale_temps(folder)
+        save_json(folder / f"{metric_hash}.json", rows)
 
 
     def get_set_scores(self, set_key: str) -> list[ScoreValue] | None:
@@ -150,6 +159,7 @@ class EditStore:
 
     def put_set_scores(self, set_key: str, values: list[ScoreValue]) -> None:
         rows = [{"metric": v.metric, "region": v.region, "value": _encode(v.value), "flag": v.flag} for v in values]
+        remove_stale_temps(self.root / "sets")
         save_json(self.root / "sets" / f"{set_key}.json", rows)
 
 

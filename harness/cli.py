@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,37 +42,82 @@ def _load_yaml(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------
+GROUPS = ("method", "dataset", "metrics", "experiment")
+
+
+def _choices(override, options: list[str]) -> list[str]:
+    """The group options an override selects (one, or a sweep's), as strings; null left out."""
+    from hydra.core.override_parser.types import ValueType
+
+    if override.is_delete():
+        return []
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        return list(override.value().filter(options))
+    if override.is_sweep_override():
+        return [str(v) for v in override.sweep_string_iterator()]
+    value = override.value()
+    return [] if value is None else [str(value)]
+
+
+def _experiment_methods(name: str, parser) -> list[str] | None:
+    """The methods an experiment runs (its sweep's ``method``, or its ``override /method``)."""
+    cfg = _load_yaml(CONF_DIR / "experiment" / f"{name}.yaml")
+    sweep = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
+    if sweep.get("method") is not None:
+        return _choices(parser.parse_override(f"method={sweep['method']}"), _group_options("method"))
+    for d in cfg.get("defaults") or []:
+        if isinstance(d, dict):
+            for k, v in d.items():
+                if str(k).replace("override", "").strip().lstrip("/") == "method" and v is not None:
+                    return [str(v)]
+    return None
+
+
 def precheck(overrides: Sequence[str]) -> None:
     """Fail fast, listing what exists, on unknown methods, datasets, protocols and parameters.
 
-    Hydra would also reject these, but without listing a method's parameters.
+    Hydra would also reject these, but without listing a method's parameters. Overrides are read
+    with Hydra's own parser, so every form Hydra takes is checked alike: ``key=v``, ``+key=v``,
+    ``++key=v``, ``~key``, sweeps (``a,b``, ``choice()``, ``range()``, ``glob()``). A token
+    Hydra cannot parse is left to Hydra, which names the error.
     """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
     from . import registry
     import methods  # noqa: F401  (registers every method)
 
-    groups = {"method": ["identity"], "dataset": None, "metrics": None, "experiment": None}
+    parser = OverridesParser.create()
+    chosen: dict[str, list[str]] = {}
     params: list[str] = []
-    for o in overrides:
-        m = re.match(r"^[+~]?([\w./]+)=(.*)$", o)
-        if not m:
+    for text in overrides:
+        if text.startswith("-"):
+            continue  # a Hydra flag (-m, --cfg ...)
+        try:
+            o = parser.parse_override(text)
+        except HydraException:
             continue
-        key, value = m.groups()
-        if key in groups:
-            choices = [v.strip() for v in value.split(",")] if not value.startswith(("choice(", "range(", "glob(")) else []
+        key = o.key_or_group
+        if key in GROUPS and o.package is None:
+            options = _group_options(key)
+            choices = _choices(o, options)
             for c in choices:
-                if c and c not in _group_options(key) and c != "null":
-                    raise UsageError(f"unknown {key} '{c}'; available: {', '.join(_group_options(key))}")
-            if key == "method" and choices:
-                groups["method"] = choices
+                if c not in options:
+                    raise UsageError(f"unknown {key} '{c}'; available: {', '.join(options)}")
+            if choices:
+                chosen[key] = choices
         elif key.startswith("method."):
             params.append(key.split(".", 1)[1].split(".")[0])
-    for name in groups["method"]:
+    names = chosen.get("method")
+    if names is None and "experiment" in chosen:
+        names = [m for e in chosen["experiment"] for m in (_experiment_methods(e, parser) or ["identity"])]
+    for name in dict.fromkeys(names or ["identity"]):
         if name not in registry.METHODS:
             raise UsageError(
                 f"method config '{name}' names no registered method; registered: {', '.join(registry.METHODS.names())}"
             )
         cls = registry.METHODS.get(name)
-        unknown = [p for p in params if p not in cls.param_names() and p != "name"]
+        unknown = [p for p in dict.fromkeys(params) if p not in cls.param_names() and p != "name"]
         if unknown:
             listing = ", ".join(cls.param_names()) or "(none)"
             raise UsageError(f"method '{name}' has no parameter(s) {', '.join(unknown)}; its parameters: {listing}")
@@ -122,7 +166,7 @@ def report_run(
     """
     import hashlib
 
-    from .images import save_bytes
+    from .fileio import save_bytes
     from .runner import job_dirs
 
     out_dir = Path(out_dir)

@@ -11,6 +11,7 @@ import dataclasses
 import typing
 from typing import Any, ClassVar, Mapping
 
+from . import versions
 from .types import CATEGORIES, SAMPLE_FIELDS, MethodOutput, Sample
 
 
@@ -63,6 +64,11 @@ def _coerce(owner: str, name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+# -- the libraries whose numerics define an edit ---------------------------------------------------
+#: Every edit's input is decoded by these (harness.images: Pillow, and OpenCV for 16-bit colour).
+INPUT_LIBRARIES = ("numpy", "pillow", "opencv")
+
+
 class Method(abc.ABC):
     """A method adapter: turns a :class:`Sample` plus parameters into an edit.
 
@@ -72,6 +78,9 @@ class Method(abc.ABC):
       requires: sample fields the method needs; a sample lacking one is skipped with the reason.
       categories: edit categories the method handles (None = any).
       Params: a dataclass of parameters with defaults, mirrored by ``conf/method/<name>.yaml``.
+      numeric_libraries: distributions whose numerics the output depends on; their installed
+        versions (with :data:`INPUT_LIBRARIES`, and torch for ``uses_torch``) are part of every
+        edit's cache key, so an upgrade recomputes instead of mixing two versions in one table.
     """
 
     name: ClassVar[str] = "?"
@@ -80,6 +89,8 @@ class Method(abc.ABC):
     categories: ClassVar[tuple[str, ...] | None] = None
     # Runs torch (its CPU tensors are invisible to tracemalloc: the runner then measures peak RSS).
     uses_torch: ClassVar[bool] = False
+    # The classical methods' stack (methods/_common.py: OpenCV, SciPy, scikit-image).
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("opencv", "scipy", "scikit-image")
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -121,6 +132,12 @@ class Method(abc.ABC):
     def label(self) -> str:
         """The method's name in tables (a method may report itself under a user-given label)."""
         return self.name
+
+    @classmethod
+    def library_versions(cls) -> dict[str, str | None]:
+        """Installed versions of the libraries that define this method's output (cache key)."""
+        names = {*INPUT_LIBRARIES, *cls.numeric_libraries, *(("torch",) if cls.uses_torch else ())}
+        return versions.library_versions(names)
 
     def model_revision(self) -> str | None:
         """Revision of the weights this method uses (part of the cache key); None if none."""

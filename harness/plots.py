@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .aggregate import format_params, group_columns
-from .images import save_bytes
+from .fileio import save_bytes
 
 DPI = 100
 

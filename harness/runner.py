@@ -28,7 +28,8 @@ import numpy as np
 
 from .cache import EditRecord, EditStore, edit_key, stable_hash
 from .data import SampleRef, open_dataset
-from .images import save_bytes, save_json
+from .fileio import save_bytes, save_json
+from .images import DECODE_DIFFERS, decode_options
 from .method import Method
 from .registry import METHODS
 from .metrics.base import SET_SAMPLE_ID
@@ -245,6 +246,10 @@ class Job:
         from .scoring import MetricSuite  # imports the metric registry (no torch at import)
 
         self.suite = MetricSuite(cfg.metrics) if cfg.score else None
+        # How the protocol decodes the sample images its metrics see (the official scripts'
+        # way, for a protocol that reproduces one); methods always get the harness default.
+        self.decode = decode_options(getattr(self.suite, "decode", None) if self.suite else None)
+        self.libraries = self.method.library_versions()
         self.params = self.method.resolved_params()
         self.params_json = canonical_params(self.params)
         self.run_dir = Path(cfg.results_dir) / cfg.run_name
@@ -275,10 +280,11 @@ class Job:
             method_version=self.method.version,
             params=self.params,
             model_revision=self.method.model_revision(),
+            libraries=self.libraries,
             dataset=self.dataset.name,
             dataset_version=self.dataset.version,
             sample_id=ref.id,
-            sample_fingerprint=ref.fingerprint,
+            sample_fingerprint=self.dataset.fingerprint(ref),
             seed=self.cfg.seed,
         )
 
@@ -387,7 +393,7 @@ class Job:
                     result, cacheable = self.compute(ref, previous)
                     extra = {"sample_id": ref.id, "method": self.method.name, "params": self.params,
                              "dataset": self.dataset.name, "seed": self.cfg.seed,
-                             "model_revision": self.method.model_revision()}
+                             "model_revision": self.method.model_revision(), "libraries": self.libraries}
                     rec = self.store.record_for(key, result, extra)
                     if cacheable and pool is not None:
                         pending.append(pool.submit(self.store.put, key, result, extra))
@@ -406,6 +412,10 @@ class Job:
         return records, computed, cached
 
     # -- scores ---------------------------------------------------------------------------
+    def load_for_scoring(self, ref: SampleRef) -> Sample:
+        """The sample as the protocol's metrics see it (decoded with the protocol's options)."""
+        return self.dataset.load(ref, decode=self.decode)
+
     def score_all(self, records: list[tuple[SampleRef, str, EditRecord]]) -> tuple[dict[str, list[ScoreValue]], int]:
         """Scores per edit key (all metrics), computing only what is not cached."""
         from tqdm.auto import tqdm
@@ -434,7 +444,7 @@ class Job:
             chunk = todo[start : start + bs]
             items = []
             for ref, key, rec, _ in chunk:
-                sample = self.dataset.load(ref)
+                sample = self.load_for_scoring(ref)
                 items.append(ScoringItem(sample=sample, edit=rec.image(), edit_mask=rec.mask()))
             for entry in self.suite.edit_entries:
                 idx = [i for i, c in enumerate(chunk) if entry in c[3]]
@@ -443,6 +453,7 @@ class Job:
                 results = self.suite.score(entry, [items[i] for i in idx])
                 for i, values in zip(idx, results):
                     key = chunk[i][1]
+                    values = _with_decode_flag(values, _join_tokens([_decode_tokens(items[i].sample)]))
                     computed[(key, entry.name)] = values
                     if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
                         self.store.put_scores(key, entry.hash, values)
@@ -466,13 +477,16 @@ class Job:
             values = self.store.get_set_scores(set_key)
             if values is None:
                 bs = self.suite.batch_size
+                differs: set[str] = set()  # the set's decode flags (not its images: a set may be large)
 
                 def batches():
                     for start in range(0, len(ok), bs):
-                        yield [ScoringItem(sample=self.dataset.load(ref), edit=rec.image(), edit_mask=rec.mask())
-                               for ref, _, rec in ok[start : start + bs]]
+                        batch = [ScoringItem(sample=self.load_for_scoring(ref), edit=rec.image(), edit_mask=rec.mask())
+                                 for ref, _, rec in ok[start : start + bs]]
+                        differs.update(_decode_tokens(it.sample) for it in batch)
+                        yield batch
 
-                values = self.suite.score_set(entry, batches())
+                values = _with_decode_flag(self.suite.score_set(entry, batches()), _join_tokens(differs))
                 if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
                     self.store.put_set_scores(set_key, values)
             out.extend((set_key, v) for v in values)
@@ -561,10 +575,12 @@ class Job:
                 "run": self.cfg.run_name,
                 "config": resolved,
                 "method": {"name": self.method.name, "version": self.method.version, "params": self.params,
-                           "model_revision": self.method.model_revision(), "load_seconds": self.load_seconds},
+                           "model_revision": self.method.model_revision(), "libraries": self.libraries,
+                           "load_seconds": self.load_seconds},
                 "dataset": {"name": self.dataset.name, "version": self.dataset.version},
                 "metrics": self.suite.describe() if self.suite else None,
                 "protocol": self.suite.protocol if self.suite else None,
+                "decode": self.decode if self.suite else None,
                 "seed": self.cfg.seed,
                 "versions": _versions(),
                 "git_revision": _git_revision(),
@@ -607,6 +623,26 @@ def _previous_sample(ref: SampleRef) -> str | None:
     rec = ref.record if isinstance(ref.record, Mapping) else {}
     prev = rec.get("previous_sample")
     return str(prev) if prev else None
+
+
+def _decode_tokens(sample: Sample) -> str:
+    """Where the protocol's decoding gave this sample other pixels than the harness default:
+    ``decode:<how>:<field>`` for each (``exif_ignored``, ``alpha_dropped``), comma-joined."""
+    return ",".join(sorted(f"decode:{how}:{field}" for field, hows in (sample.meta.get(DECODE_DIFFERS) or {}).items()
+                           for how in hows))
+
+
+def _join_tokens(parts: Iterable[str]) -> str | None:
+    """One score flag from several samples' decode tokens; None when no image differed."""
+    return ",".join(sorted({t for p in parts for t in p.split(",") if t})) or None
+
+
+def _with_decode_flag(values: list[ScoreValue], flag: str | None) -> list[ScoreValue]:
+    """``values`` with ``flag`` added to every measured value (a NaN keeps its own reason)."""
+    if not flag:
+        return values
+    return [v if math.isnan(v.value) else dataclasses.replace(v, flag=f"{v.flag}; {flag}" if v.flag else flag)
+            for v in values]
 
 
 def _scored(ref: SampleRef) -> bool:

@@ -97,6 +97,9 @@ class DiffusionMethod(Method):
     """
 
     uses_torch = True
+    # Pipelines, UNets and schedulers (diffusers), text encoders and tokenizers (transformers),
+    # on torch: their versions are part of each edit's cache key (with numpy, Pillow, OpenCV).
+    numeric_libraries = ("torch", "diffusers", "transformers")
     # Which tiny random-weight backbone (methods.diffusion.tiny) fits the pipeline class.
     tiny_kind: ClassVar[str] = "sd15"
     # The sample field holding the text the pipeline is conditioned on.

@@ -7,11 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (the `test` extra: a broken install fails here)
 import pandas as pd
 import pytest
 from PIL import Image
 
-from harness.cli import main
+from harness.cli import main, precheck, UsageError
 
 from .conftest import REPO
 
@@ -43,6 +44,51 @@ def test_unknown_parameter_lists_parameters(tmp_path, capsys):
     # In a sweep over methods, a parameter must exist in each of them.
     assert main(["run", "-m", "method=inpaint,recolor", "method.radius=3"]) == 2
     assert "method 'recolor' has no parameter(s) radius" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["++method.bogus=3"],  # the form the README recommends for a key the default method lacks
+    ["+method.bogus=3"],
+    ["~method.bogus"],
+    ["method.bogus=1,2"],  # a sweep
+    ["method.bogus=range(0,3)"],
+])
+def test_every_override_form_is_checked(args, capsys):
+    assert main(["run", "method=inpaint", *args]) == 2
+    err = capsys.readouterr().err
+    assert "method 'inpaint' has no parameter(s) bogus" in err and "algorithm" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["++method=nope"], "unknown method 'nope'"),
+    (["+method=inpaint,nope"], "unknown method 'nope'"),
+    (["method=choice(inpaint,nope)"], "unknown method 'nope'"),
+    (["++dataset=nope"], "unknown dataset 'nope'"),
+    (["metrics=default,nope"], "unknown metrics 'nope'"),
+    (["+experiment=nope"], "unknown experiment 'nope'"),
+    # a sweep over methods: the parameter must exist in each
+    (["-m", "method=glob(in*)", "++method.radius=3"], "method 'instruct_pix2pix' has no parameter(s) radius"),
+    # an experiment's methods, when the command line names none
+    (["experiment=recolor_strength", "++method.radius=3"], "method 'recolor' has no parameter(s) radius"),
+])
+def test_unknown_names_fail_in_every_override_form(args, message, capsys):
+    assert main(["run", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_valid_override_forms_pass_the_precheck():
+    for args in (["-m", "method=sdedit,masactrl", "++method.backbone=tiny", "++method.num_inference_steps=4"],
+                 ["method=inpaint", "+method.radius=3", "~method.dilate", "method.algorithm=ns,telea"],
+                 ["method=recolor", "method.strength=range(0,1,0.25)", "hydra/launcher=joblib", "+run_name=x"],
+                 ["+experiment=recolor_strength", "method.strength=0.5"],
+                 ["method=glob(re*)", "method.strength=1.0"],
+                 ["dataset.ids=[a,b]", "method=identity", "method=null"],
+                 ["method.pipeline='x.Y,z'", "method=diffusers_pipeline"]):
+        precheck(args)  # raises UsageError on a wrong verdict
+    # what Hydra cannot parse is left to Hydra, which names the error
+    precheck(["method=a,,b"])
+    with pytest.raises(UsageError):
+        precheck(["method=inpaint", "method.x=1"])
 
 
 def test_bad_parameter_value_fails_clearly(tmp_path, capsys):
@@ -87,6 +133,20 @@ def test_multirun_sweep_and_report_rebuild(tmp_path):
         assert outcome["computed"] == 0 and outcome["scored"] == 0
 
 
+def test_two_runs_share_a_cache_dir(tmp_path):
+    shared = tmp_path / "lab-cache"
+    for name in ("first", "second"):
+        assert _run(["method=inpaint", "dataset.limit=3", f"run_name={name}", f"cache_dir={shared}", "report=false"],
+                    tmp_path) == 0
+    (first,), (second,) = (list((tmp_path / n / "jobs").iterdir()) for n in ("first", "second"))
+    outcome = json.loads((second / "manifest.json").read_text())["outcome"]
+    assert outcome["computed"] == 0 and outcome["cached"] == 3 and outcome["scored"] == 0
+    assert not (tmp_path / "second" / "edits").exists() and len(list(shared.rglob("edit.json"))) == 3
+    for table in ("edits.parquet", "scores.parquet"):
+        a, b = pd.read_parquet(first / table), pd.read_parquet(second / table)
+        pd.testing.assert_frame_equal(a.drop(columns="run"), b.drop(columns="run"))
+
+
 def test_joblib_launcher(tmp_path):
     args = ["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=identity,inpaint",
             "dataset.limit=3", "run_name=par"]
@@ -111,7 +171,12 @@ def test_score_a_folder_of_outside_edits(tmp_path):
     assert set(scores.method) == {"mine"}
     ok = edits[edits.status == "ok"]
     assert set(ok.sample_id) == {r.id for r in refs}
-    assert (scores[scores.sample_id.isin(ok.sample_id)].value.dropna() == 0).all()
+    # the edits are the sources: every L1 and L2 row present and exactly 0 (pixel: regions all/edited/unedited;
+    # a sample without a mask has no edited / unedited rows)
+    mine = scores[scores.sample_id.isin(ok.sample_id)]
+    whole = mine[mine.region == "all"]
+    assert len(whole) == 2 * len(refs) and (whole.value == 0).all(), whole
+    assert (mine.value.dropna() == 0).all()
     skipped = edits[edits.status == "skipped"]
     assert len(skipped) == len(ds.refs()) - 3 and skipped.reason.str.contains("no edit named").all()
 
@@ -142,7 +207,6 @@ def test_console_script_help():
 
 
 def test_submitit_local_launcher(builder, tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     for i in range(2):
         builder.add_simple(f"s{i}")
     args = ["-m", "hydra/launcher=submitit_local", "method=identity,inpaint", f"dataset.root={builder.root}",

@@ -23,8 +23,8 @@ def _load(builder, sid):
 def test_plain_sample_round_trip(builder):
     builder.add_simple("a", h=37, w=53)
     s = _load(builder, "a")
-    assert s.source.shape == (37, 53, 3) and s.source.dtype == np.uint8
-    assert s.mask.shape == (37, 53) and s.mask.dtype == bool and s.mask.any()
+    assert s.source.dtype == np.uint8 and np.array_equal(s.source, textured(37, 53, 0))  # PNG: lossless
+    assert s.mask.dtype == bool and np.array_equal(s.mask, disc_mask(37, 53, 37 / 2, 53 / 2, 37 / 4))
     assert s.category == "remove" and s.dataset == "synthetic"
 
 
@@ -94,6 +94,10 @@ def test_exif_rotation_applied(tmp_path):
     out = load_image(p, "s", "source", notes)
     assert out.shape == (40, 20, 3)
     assert any("EXIF orientation 6" in n for n in notes)
+    # orientation 6 displays the stored pixels turned 90 degrees clockwise: JPEG-close to that
+    # turn (quality 95: ~5 levels), far from the other one
+    turned = np.abs(out.astype(int) - np.rot90(textured(20, 40), -1)).mean()
+    assert turned < 12 and np.abs(out.astype(int) - np.rot90(textured(20, 40), 1)).mean() > 50
 
 
 def test_rgba_composited_over_white(tmp_path):
@@ -110,10 +114,13 @@ def test_rgba_composited_over_white(tmp_path):
 def test_greyscale_and_palette(tmp_path):
     g = tmp_path / "g.png"
     Image.fromarray(np.full((5, 7), 90, np.uint8)).save(g)
-    assert load_image(g, "s", "source").shape == (5, 7, 3)
+    grey = load_image(g, "s", "source")
+    assert grey.shape == (5, 7, 3) and (grey == 90).all()
     pal = tmp_path / "p.png"
     Image.fromarray(textured(10, 10)).convert("P").save(pal)
-    assert load_image(pal, "s", "source").shape == (10, 10, 3)
+    with Image.open(pal) as im:  # the palette's colours, looked up
+        expected = np.asarray(im.convert("RGB"))
+    assert np.array_equal(load_image(pal, "s", "source"), expected)
 
 
 def test_mask_size_mismatch(builder):

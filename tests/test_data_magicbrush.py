@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -248,48 +247,75 @@ def test_whole_run_through_the_cli(mbb, tmp_path):
     assert sorted(edits.sample_id) == ALL_IDS and (edits.status == "ok").all()
     assert set(edits.dataset) == {"magicbrush_single_turn"}
     scores = pd.read_parquet(job / "scores.parquet")
-    # pixel compares the edit with the source: identity scores 0 everywhere
-    assert sorted(scores.sample_id.unique()) == ALL_IDS and (scores.value.dropna() == 0).all()
-    assert set(scores.region) == {"all", "edited", "unedited"}
+    # pixel compares the edit with the source: identity scores exactly 0 (uint8 arithmetic on
+    # equal images) on every sample, metric and region; every region is non-empty, so no NaN
+    assert sorted(scores.sample_id.unique()) == ALL_IDS and set(scores.region) == {"all", "edited", "unedited"}
+    assert len(scores) == len(ALL_IDS) * 2 * 3 and set(scores.metric) == {"l1", "l2"}
+    assert scores.value.notna().all() and (scores.value == 0).all()
+
+
+L1_TARGET = {"protocol": "magicbrush", "reference": "target", "regions": ["all"], "items": {"l1": {}}}
+SESSIONS = {"101": 3, "202": 1, "303": 2}
+
+
+def _shift(img: np.ndarray, k: int) -> np.ndarray:
+    """What test_shift (step 17) made of ``img`` after ``k`` edits."""
+    return ((img.astype(np.int64) + 17 * k) % 256).astype(np.uint8)
 
 
 def test_multi_turn_run_chains_the_methods_own_edits_and_scores_final_turns(mbb, tmp_path, monkeypatch):
-    """The runner feeds each self-fed turn the method's edit of the turn before: identity edits a
-    whole session into copies of its input image; only final turns are scored (the paper's
-    final-turn table); a failed turn skips the turns after it, with the reason."""
+    """The runner feeds each self-fed turn the method's edit of the turn before (final-turn
+    setting) and each single-turn sample the ground-truth previous output: with a method that
+    shifts every pixel by 17 per edit, turn t of the chained run is the input shifted by 17 t, of
+    the single-turn run the ground truth of turn t - 1 shifted by 17. Only final turns are scored
+    (the paper's final-turn table); a failed turn skips the turns after it, with the reason."""
+    from harness.cache import EditStore
     from harness.runner import run_job
 
-    from . import _test_methods_registry  # noqa: F401  (test_flaky)
+    from . import _test_methods_registry  # noqa: F401  (test_shift, test_flaky)
     from .conftest import job_config
 
     res = tmp_path / "res"
-    cfg = job_config(mbb.config(setting="multi_turn"), res, method={"name": "identity"},
-                     metrics={"protocol": "magicbrush", "reference": "target", "regions": ["all"], "items": {"l1": {}}})
+    cfg = job_config(mbb.config(setting="multi_turn"), res, method={"name": "test_shift"}, metrics=L1_TARGET)
     out = run_job(cfg)
     edits = pd.read_parquet(out.job_dir / "edits.parquet").set_index("sample_id")
     assert sorted(edits.index) == ALL_IDS and (edits.status == "ok").all()
-    from harness.cache import EditStore
+    single = run_job(job_config(mbb.config(setting="single_turn"), res, method={"name": "test_shift"},
+                                metrics=L1_TARGET))
+    s_edits = pd.read_parquet(single.job_dir / "edits.parquet").set_index("sample_id")
+    assert (s_edits.status == "ok").all() and set(s_edits.edit_key).isdisjoint(edits.edit_key)
 
     store = EditStore(res / cfg["run_name"] / "edits")
-    for sid in ("101_1", "101_2", "101_3"):  # identity of identity of ... the input image
-        assert np.array_equal(store.get(edits.loc[sid, "edit_key"]).image(), mbb.arrays["101-input.png"])
-    scores = pd.read_parquet(out.job_dir / "scores.parquet")
-    assert sorted(scores.sample_id) == ["101_3", "202_1", "303_2"]  # final turns only
-    final = scores.set_index("sample_id").loc["101_3", "value"]
-    expected = np.mean(np.abs(mbb.arrays["101-input.png"].astype(float) - mbb.arrays["101-output3.png"]) / 255)
-    assert final == pytest.approx(expected, rel=1e-9)
+    for img_id, turns in SESSIONS.items():
+        first = mbb.arrays[f"{img_id}-input.png"]
+        for t in range(1, turns + 1):
+            sid = f"{img_id}_{t}"
+            chained = store.get(edits.loc[sid, "edit_key"])
+            alone = store.get(s_edits.loc[sid, "edit_key"])
+            # final-turn setting: turn t was given the method's own edit of turn t - 1
+            assert np.array_equal(chained.image(), _shift(first, t)), sid
+            assert chained.meta["info"]["source_from"] == ("previous_edit" if t > 1 else None)
+            # single-turn setting: turn t was given the ground-truth output of turn t - 1
+            gt_before = first if t == 1 else mbb.arrays[f"{img_id}-output{t - 1}.png"]
+            assert np.array_equal(alone.image(), _shift(gt_before, 1)), sid
+            # the two settings coincide on a session's first turn only
+            same = np.array_equal(chained.image(), alone.image())
+            assert same == (t == 1), sid
 
-    # single-turn: the same turns are edited from the ground-truth inputs (other keys, all scored)
-    single = run_job(job_config(mbb.config(setting="single_turn"), res, method={"name": "identity"},
-                                metrics={"protocol": "magicbrush", "reference": "target", "regions": ["all"], "items": {"l1": {}}}))
-    s_edits = pd.read_parquet(single.job_dir / "edits.parquet").set_index("sample_id")
-    assert set(s_edits.edit_key).isdisjoint(edits.edit_key)
+    # final turns only, scored against the ground truth: L1 of the chained edit, by hand
+    scores = pd.read_parquet(out.job_dir / "scores.parquet").set_index("sample_id")
+    assert sorted(scores.index) == ["101_3", "202_1", "303_2"] and scores.value.notna().all()
+    for img_id, turns in SESSIONS.items():
+        final = _shift(mbb.arrays[f"{img_id}-input.png"], turns).astype(float)
+        gt = mbb.arrays[f"{img_id}-output{turns}.png"].astype(float)
+        expected = np.abs(final - gt).mean() / 255  # image_eval.py: mean |a - b| on [0, 1] tensors
+        assert scores.loc[f"{img_id}_{turns}", "value"] == pytest.approx(expected, rel=1e-6)
     assert len(pd.read_parquet(single.job_dir / "scores.parquet")) == len(ALL_IDS)
 
     # a failing turn: the later turns of its session are skipped, naming it; nothing else changes
     monkeypatch.setenv("TEST_FLAKY_IDS", "101_2")
     flaky = job_config(mbb.config(setting="multi_turn"), tmp_path / "res2", method={"name": "test_flaky"},
-                       metrics={"protocol": "magicbrush", "reference": "target", "regions": ["all"], "items": {"l1": {}}})
+                       metrics=L1_TARGET)
     e = pd.read_parquet(run_job(flaky).job_dir / "edits.parquet").set_index("sample_id")
     assert e.loc["101_2", "status"] == "failed" and e.loc["101_3", "status"] == "skipped"
     assert "previous turn '101_2'" in e.loc["101_3", "reason"]

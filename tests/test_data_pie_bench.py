@@ -278,6 +278,9 @@ def test_whole_run_through_the_cli(pb, tmp_path):
     assert edits.loc["bad", "status"] == "failed" and "field 'mask'" in edits.loc["bad", "reason"]
     assert set(edits.drop(index="bad").category) == {"random", "remove", "change_color"}
     scores = pd.read_parquet(job / "scores.parquet")
-    ok = scores[scores.sample_id != "bad"]
-    assert set(ok.region) == {"all", "edited", "unedited"} and (ok.value.dropna() == 0).all()
+    # identity against the source: exactly 0 on the 3 good samples x 2 metrics x 3 regions; the
+    # border rule makes every edited region non-empty, and the runs leave unedited pixels: no NaN
+    assert set(scores.sample_id) == {"000000000000", "300000000000", "600000000000"}
+    assert set(scores.region) == {"all", "edited", "unedited"} and set(scores.metric) == {"l1", "l2"}
+    assert len(scores) == 3 * 2 * 3 and scores.value.notna().all() and (scores.value == 0).all()
     assert (tmp_path / "results" / "pie" / "report" / "table.md").is_file()

@@ -19,16 +19,20 @@ sample and checks it, raising :class:`SampleError` that names the sample and the
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import re
+import threading
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import yaml
 
-from ..images import load_image, load_mask
+from ..images import DECODE_DIFFERS, decode_options, load_image, load_mask
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
 
@@ -55,6 +59,61 @@ def _fingerprint(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- input file contents ------------------------------------------------------------------------
+# sha256 of each input file, once per process: keyed by what changes when a file is rewritten or
+# replaced (device, inode, size, mtime, ctime). Like git's index ("racy git"), a file modified
+# less than RACY_SECONDS ago is not trusted to the cache, since a rewrite within one tick of the
+# file system's clock keeps its mtime; such a file is hashed again each time it is asked for.
+RACY_SECONDS = 2.0
+_clock = time.time
+_DIGESTS: dict[tuple, str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes; ``missing`` or ``unreadable:<errno>`` when it cannot be read
+    (the sample then fails to load with the reason, and is not cached)."""
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as e:
+        return f"unreadable:{errno.errorcode.get(e.errno, e.errno)}"
+    stamp = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _DIGESTS_LOCK:
+        hit = _DIGESTS.get(stamp)
+    if hit is not None:
+        return hit
+    try:
+        digest = _sha256_file(p)
+    except IsADirectoryError:
+        return "not_a_file"
+    except OSError as e:
+        return f"unreadable:{errno.errorcode.get(e.errno, e.errno)}"
+    if _clock() - max(st.st_mtime_ns, st.st_ctime_ns) / 1e9 > RACY_SECONDS:
+        with _DIGESTS_LOCK:
+            _DIGESTS[stamp] = digest
+    return digest
+
+
+def content_fingerprint(manifest_fingerprint: str, files: Mapping[str, Path]) -> str:
+    """A sample's cache fingerprint: its manifest entry's and the bytes of each of its input
+    files (by field, not path: a dataset folder that moves keeps its keys)."""
+    if not files:
+        return manifest_fingerprint
+    parts = {"manifest": manifest_fingerprint, "files": {k: file_digest(p) for k, p in sorted(files.items())}}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class DatasetLoader:
     """What every format loader shares: iteration over ``refs()`` and the checks that its
     folder and files exist (errors name the dataset and say what was expected)."""
@@ -63,6 +122,17 @@ class DatasetLoader:
 
     def refs(self) -> list[SampleRef]:
         raise NotImplementedError
+
+    def input_files(self, ref: SampleRef) -> dict[str, Path]:
+        """The files a sample is decoded from, by field (images, masks): their bytes are part of
+        its cache fingerprint. Paths that are not usable strings are left out (the sample fails
+        to load anyway)."""
+        raise NotImplementedError
+
+    def fingerprint(self, ref: SampleRef) -> str:
+        """What an edit's cache key holds of its sample: the manifest entry and the content of
+        every input file, so that a file replaced in place gives another key."""
+        return content_fingerprint(ref.fingerprint, self.input_files(ref))
 
     def __iter__(self) -> Iterator[SampleRef]:
         return iter(self.refs())
@@ -150,16 +220,29 @@ class GenericDataset(DatasetLoader):
         category = record.get("category")
         return SampleRef(sid, record, fp, category if isinstance(category, str) else None, error)
 
+    def input_files(self, ref: SampleRef) -> dict[str, Path]:
+        rec = ref.record if isinstance(ref.record, dict) else {}
+        return {k: self.root / rec[k] for k in (*IMAGE_KEYS, *MASK_KEYS) if isinstance(rec.get(k), str) and rec[k]}
+
     # -- decoding -------------------------------------------------------------------------
-    def load(self, ref: SampleRef) -> Sample:
-        """Decode one sample; raises SampleError naming the sample and the field at fault."""
+    def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
+        """Decode one sample; raises SampleError naming the sample and the field at fault.
+
+        ``decode``: a protocol's image decoding (:func:`harness.images.decode_options`) for
+        scoring; None = the harness default, which methods get.
+        """
         if ref.error is not None:
             raise ref.error
+        opts = decode_options(decode)
         rec, sid = ref.record, ref.id
         notes: list[str] = []
+        differs: dict[str, list[str]] = {}
         images: dict[str, np.ndarray | None] = {}
         for key in IMAGE_KEYS:
-            images[key] = self._image(rec, sid, key, notes) if rec.get(key) is not None else None
+            if rec.get(key) is None:
+                images[key] = None
+                continue
+            images[key] = load_image(self._path(rec, sid, key), sid, key, notes, differs=differs, **opts)
         masks: dict[str, np.ndarray | None] = {}
         for key, owner in MASK_KEYS.items():
             if rec.get(key) is None:
@@ -167,7 +250,8 @@ class GenericDataset(DatasetLoader):
                 continue
             if images[owner] is None:
                 raise SampleError(sid, key, f"given without '{owner}'")
-            masks[key] = load_mask(self._path(rec, sid, key), sid, key, images[owner].shape[:2])
+            masks[key] = load_mask(self._path(rec, sid, key), sid, key, images[owner].shape[:2],
+                                   exif_orientation=opts["exif_orientation"])
         texts = {}
         for key in TEXT_KEYS:
             v = rec.get(key)
@@ -194,6 +278,8 @@ class GenericDataset(DatasetLoader):
         meta = dict(meta)
         if notes:
             meta["input_notes"] = notes
+        if differs:
+            meta[DECODE_DIFFERS] = differs
         return Sample(
             id=sid,
             dataset=self.name,
@@ -213,9 +299,6 @@ class GenericDataset(DatasetLoader):
         if not isinstance(v, str) or not v:
             raise SampleError(sid, key, f"must be a relative file path, got {v!r}")
         return self.root / v
-
-    def _image(self, rec, sid, key, notes) -> np.ndarray:
-        return load_image(self._path(rec, sid, key), sid, key, notes)
 
     # -- validation -----------------------------------------------------------------------
     def validate(self) -> list[SampleError]:

@@ -60,12 +60,12 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..images import load_image
+from ..images import DECODE_DIFFERS, decode_options, load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
 from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
@@ -83,9 +83,11 @@ def sample_id(img_id: str, turn: int) -> str:
 
 
 def read_magicbrush_mask(
-    path: Path, sid: str, shape: tuple[int, int] | None, convention: str = "auto"
+    path: Path, sid: str, shape: tuple[int, int] | None, convention: str = "auto", exif_orientation: bool = True
 ) -> tuple[np.ndarray, str]:
-    """Read a MagicBrush mask file as bool HxW (True = edited) and the convention applied."""
+    """Read a MagicBrush mask file as bool HxW (True = edited) and the convention applied.
+
+    ``exif_orientation``: as for the turn's images (see :func:`harness.images.load_mask`)."""
     if convention not in MASK_CONVENTIONS:
         raise ValueError(f"mask_convention must be one of {', '.join(MASK_CONVENTIONS)}, got {convention!r}")
     if not path.is_file():
@@ -93,7 +95,8 @@ def read_magicbrush_mask(
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if exif_orientation:
+                img = ImageOps.exif_transpose(img)
             has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             alpha = np.asarray(img.convert("RGBA").getchannel("A")) if has_alpha else None
             grey = np.asarray(img.convert("RGB").convert("L"))
@@ -257,17 +260,32 @@ class MagicBrushDataset(DatasetLoader):
         units = select_refs(units, self.name, None, self.shard, self.limit)
         return [r for unit in units for r in unit]
 
+    def input_files(self, ref: SampleRef) -> dict[str, Path]:
+        rec = ref.record if isinstance(ref.record, dict) else {}
+        session = rec.get("session")
+        if not isinstance(session, str):
+            return {}
+        return {field: self.images_root / session / rec[key]
+                for field, key in (("source", "input"), ("target", "output"), ("mask", "mask"))
+                if isinstance(rec.get(key), str) and rec[key]}
+
     # -- decoding -------------------------------------------------------------------------
-    def load(self, ref: SampleRef) -> Sample:
-        """Decode one turn; raises SampleError naming the sample and the field at fault."""
+    def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
+        """Decode one turn; raises SampleError naming the sample and the field at fault.
+
+        ``decode``: a protocol's image decoding for scoring (see :meth:`GenericDataset.load`).
+        """
         if ref.error is not None:
             raise ref.error
+        opts = decode_options(decode)
         rec, sid = ref.record, ref.id
         folder = self.images_root / rec["session"]
         notes: list[str] = []
-        source = load_image(folder / rec["input"], sid, "source", notes)
-        target = load_image(folder / rec["output"], sid, "target", notes)
-        mask, applied = read_magicbrush_mask(folder / rec["mask"], sid, source.shape[:2], self.mask_convention)
+        differs: dict[str, list[str]] = {}
+        source = load_image(folder / rec["input"], sid, "source", notes, differs=differs, **opts)
+        target = load_image(folder / rec["output"], sid, "target", notes, differs=differs, **opts)
+        mask, applied = read_magicbrush_mask(folder / rec["mask"], sid, source.shape[:2], self.mask_convention,
+                                             exif_orientation=opts["exif_orientation"])
         for field, kind, image in (("target_caption", "local", "output"), ("source_caption", "global", "input")):
             path = self.caption_paths[kind]
             if path is not None and rec.get(field) is None:
@@ -289,6 +307,8 @@ class MagicBrushDataset(DatasetLoader):
             meta["source_from"] = "ground_truth_stand_in"
         if notes:
             meta["input_notes"] = notes
+        if differs:
+            meta[DECODE_DIFFERS] = differs
         return Sample(
             id=sid,
             dataset=self.name,

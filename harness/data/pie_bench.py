@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..images import load_image
+from ..images import DECODE_DIFFERS, decode_options, load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
 from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
@@ -239,14 +239,24 @@ class PieBenchDataset(DatasetLoader):
             return SampleError(key, "mask", f"RLE {problem}")
         return None
 
+    def input_files(self, ref: SampleRef) -> dict[str, Path]:
+        # the mask is an RLE inside the annotation, part of the manifest fingerprint
+        path = ref.record.get("image_path") if isinstance(ref.record, dict) else None
+        return {"source": self.images_root / path} if isinstance(path, str) and path else {}
+
     # -- decoding -------------------------------------------------------------------------
-    def load(self, ref: SampleRef) -> Sample:
-        """Decode one sample; raises SampleError naming the sample and the field at fault."""
+    def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
+        """Decode one sample; raises SampleError naming the sample and the field at fault.
+
+        ``decode``: a protocol's image decoding for scoring (see :meth:`GenericDataset.load`).
+        """
         if ref.error is not None:
             raise ref.error
+        opts = decode_options(decode)
         rec, sid = ref.record, ref.id
         notes: list[str] = []
-        source = load_image(self.images_root / rec["image_path"], sid, "source", notes)
+        differs: dict[str, list[str]] = {}
+        source = load_image(self.images_root / rec["image_path"], sid, "source", notes, differs=differs, **opts)
         if source.shape[:2] != PIE_SHAPE:
             raise SampleError(
                 sid,
@@ -265,6 +275,8 @@ class PieBenchDataset(DatasetLoader):
         }
         if notes:
             meta["input_notes"] = notes
+        if differs:
+            meta[DECODE_DIFFERS] = differs
         return Sample(
             id=sid,
             dataset=self.name,
