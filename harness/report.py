@@ -36,7 +36,7 @@ from .aggregate import (
     summarize,
     swept_params,
 )
-from .images import save_bytes
+from .fileio import save_bytes
 from .plots import plot_bars, plot_metric_vs_param, safe_name
 
 CSV_FLOAT = "%.12g"
@@ -198,14 +198,19 @@ def _key_title(k: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # caption
 # ----------------------------------------------------------------------------------------------
+def _parts(text: str) -> list[str]:
+    """The "; "-separated phrases of a weights or region-rule text, in order, without repeats."""
+    return list(dict.fromkeys(p.strip() for p in str(text).split("; ") if p.strip()))
+
+
 def _metric_info(summary: pd.DataFrame) -> dict[str, dict[str, str]]:
     info: dict[str, dict[str, str]] = {}
     for m in sorted({str(x) for x in summary["metric"]}) if len(summary) else []:
         d = summary[summary["metric"] == m]
 
         def join(col: str) -> str:
-            vals = sorted({p.strip() for v in d[col] for p in str(v).split("; ")})
-            return "; ".join(vals)
+            # in the order the metric states them (its own order reads best), each phrase once
+            return "; ".join(dict.fromkeys(p for v in d[col] for p in _parts(v)))
 
         info[m] = {"weights": join("weights"), "region_rule": join("region_rule"), "protocol": join("protocol"),
                    "direction": arrow(bool(d["higher_is_better"].iloc[0]))}
@@ -239,6 +244,28 @@ def _distinct(scores: pd.DataFrame, edits: pd.DataFrame, col: str) -> list[str]:
     return sorted(vals)
 
 
+def _convention_lines(info: dict[str, dict[str, str]]) -> list[str]:
+    """The region rule and the conventions that define each metric's numbers (reference image,
+    SSIM border, edit crop, image decoding, scaling: the suite writes them after the region rule);
+    the phrases every scored metric shares are stated once."""
+    rules = sorted({i["region_rule"] for i in info.values()})
+    if len(rules) == 1:
+        return [f"Region rule: {rules[0]}."]
+    if not rules:
+        return []
+    parts = {m: _parts(i["region_rule"]) for m, i in info.items()}
+    measured = [m for m, i in info.items() if i["protocol"] != "runner"]  # not the cost columns
+    common = [p for p in parts[measured[0]] if all(p in parts[m] for m in measured)] if len(measured) > 1 else []
+    out = []
+    if common:
+        out.append(f"Conventions of every metric: {'; '.join(common)}.")
+    out.append("Region rule and conventions per metric:")
+    for m in info:
+        own = [p for p in parts[m] if m not in measured or p not in common]
+        out.append(f"  {m} -> {'; '.join(own) or 'as above'}")
+    return out
+
+
 def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFrame, title: str) -> list[str]:
     """The header block every table carries, as plain-text lines (first line = title)."""
     lines = [title]
@@ -269,14 +296,9 @@ def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFra
         lines.append(f"Method versions: {', '.join(mv)}.")
     lines.append(f"Values: mean [{int(CI_LEVEL * 100)}% CI] over samples; CI = percentile bootstrap of the mean "
                  f"({N_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}). n = samples scored per row.")
-    rules = sorted({i["region_rule"] for i in info.values()})
-    if len(rules) == 1:
-        lines.append(f"Region rule: {rules[0]}.")
-    elif rules:
-        lines.append("Region rule per metric:")
-        lines += [f"  {m} -> {i['region_rule']}" for m, i in info.items()]
+    lines += _convention_lines(info)
     if info:
-        lines.append("Weights per metric:")
+        lines.append("Weights (and network precision) per metric:")
         lines += [f"  {m} -> {i['weights']}" for m, i in info.items()]
     totals = _nan_totals(summary)
     if totals:

@@ -9,17 +9,16 @@ import sys
 from collections import OrderedDict
 
 import numpy as np
+import open_clip  # noqa: F401  (required: a broken install must fail here, not skip the file)
 import pytest
+import torch
 
-pytest.importorskip("open_clip")
-torch = pytest.importorskip("torch")
+from harness.metrics import ScoringItem
+from harness.metrics import _clip_models as cm
+from harness.metrics import alpha_clip as ac
+from harness.types import Sample
 
-from harness.metrics import ScoringItem  # noqa: E402
-from harness.metrics import _clip_models as cm  # noqa: E402
-from harness.metrics import alpha_clip as ac  # noqa: E402
-from harness.types import Sample  # noqa: E402
-
-from .conftest import OPENAI_MEAN, OPENAI_STD, REPO, disc_mask, register_open_clip_config, textured  # noqa: E402
+from .conftest import OPENAI_MEAN, OPENAI_STD, REPO, disc_mask, register_open_clip_config, textured
 
 TINY = "edit-harness-tiny-alpha-clip"
 TINY_CFG = {
@@ -161,6 +160,7 @@ def test_alpha_clip_matches_hand_recomputation():
                       target_caption=f"a car with hood number {i}") for i in range(4)]
     items = [item(s, seed=40 + i) for i, s in enumerate(samples)]
     rows = m.score_batch(items)
+    assert len(rows) == 4
     bundle = m.backend.bundle
     visual, model = bundle.visual, bundle.base.model
     for it, r in zip(items, rows):
@@ -196,14 +196,32 @@ def test_rows_identity_and_flags():
     rows = m.score_batch(items)
     ident, nomask, emp, ful, nocap, resized = rows
     assert ident[1].value == pytest.approx(1.0, abs=1e-6)
-    assert all(math.isnan(v.value) and v.flag == "no_mask" for v in nomask)
+    assert len(nomask) == 3 and all(math.isnan(v.value) and v.flag == "no_mask" for v in nomask)
     assert emp[0].flag == "empty_region" and math.isnan(emp[0].value)
     assert emp[1].flag is None and not math.isnan(emp[1].value)
     assert emp[2].flag == "empty_region" and math.isnan(emp[2].value)
     assert ful[0].flag is None and ful[1].flag == "empty_region" and ful[2].flag == "empty_region"
     assert nocap[0].flag == "missing:target_caption" and math.isnan(nocap[0].value)
     assert not math.isnan(nocap[1].value) and nocap[2].flag == "missing:target_caption" and math.isnan(nocap[2].value)
-    assert all(not math.isnan(v.value) for v in resized)
+    # an edit of another size is embedded at its own size, the mask resized (nearest) to its grid
+    from PIL import Image
+    from torchvision import transforms as T
+
+    r_s, r_e = items[5].sample, items[5].edit
+    m_e = np.asarray(Image.fromarray(r_s.mask.astype(np.uint8) * 255).resize((80, 96), Image.NEAREST)) > 127
+
+    def alpha_of(mask):  # the image's geometry (Resize shortest side + CenterCrop), then (m - 0.5) / 0.26
+        t = T.CenterCrop(64)(T.Resize(64)(T.ToTensor()(mask.astype(np.uint8) * 255)))
+        return T.Normalize(0.5, 0.26)(t)[None]
+
+    visual, model = m.backend.bundle.visual, m.backend.bundle.base.model
+    x_e, x_s = ref_image(r_e)[None], ref_image(r_s.source)[None]
+    fg = float(np.sum(unit(ref_features(visual, x_e, alpha_of(m_e))) * text_features(model, [r_s.target_caption])))
+    bg = float(np.sum(unit(ref_features(visual, x_s, ref_alpha_square(~r_s.mask)[None]))
+                      * unit(ref_features(visual, x_e, alpha_of(~m_e)))))
+    assert [v.flag for v in resized] == [None, None, None]
+    assert resized[0].value == pytest.approx(fg, abs=1e-6) and resized[1].value == pytest.approx(bg, abs=1e-6)
+    assert resized[2].value == pytest.approx((fg + bg) / 2, abs=1e-6)
     # scale 100 (the default, PartEdit's x100): identity bg = 100
     m100 = tiny(ac.AlphaClip)
     assert m100.score_batch([items[0]])[0][1].value == pytest.approx(100.0, abs=1e-4)
@@ -302,7 +320,7 @@ def test_missing_alpha_weights_unavailable_and_fallback(tmp_path):
     (e,) = suite.entries
     assert e.unavailable and "alpha_weights_path" in e.unavailable
     rows = suite.score(e, [item(sample("u"))])[0]
-    assert rows and all(math.isnan(v.value) and v.flag == "unavailable" for v in rows)
+    assert len(rows) == 3 and all(math.isnan(v.value) and v.flag == "unavailable" for v in rows)
 
     suite = MetricSuite({**cfg, "items": {"alpha_clip": {"scale": 100, "fallback": "masked_clip", **TINY_PARAMS}}})
     (e,) = suite.entries

@@ -10,17 +10,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
+import torch
 
-pytest.importorskip("open_clip")
-torch = pytest.importorskip("torch")
+from harness.metrics import ScoringItem
+from harness.metrics import _clip_models as cm
+from harness.metrics import clip as clipm
+from harness.types import Sample
 
-from harness.metrics import ScoringItem  # noqa: E402
-from harness.metrics import _clip_models as cm  # noqa: E402
-from harness.metrics import clip as clipm  # noqa: E402
-from harness.types import Sample  # noqa: E402
-
-from .conftest import OPENAI_MEAN, OPENAI_STD, REPO, disc_mask, register_open_clip_config, textured  # noqa: E402
+from .conftest import OPENAI_MEAN, OPENAI_STD, REPO, disc_mask, register_open_clip_config, textured
 
 TINY = "edit-harness-tiny-clip"
 TINY_CFG = {
@@ -96,6 +95,66 @@ def values(rows):
     return [[v.value for v in r] for r in rows]
 
 
+# -- a tiny model with known cosines ----------------------------------------------------------
+# Every image-caption cosine of the random tiny model is about -0.1 to -0.3 (its image and text
+# embeddings each cluster), so clamps and means would compare zeros with zeros. Here the image
+# projection is solved so that edit i and caption i have the cosine DESIGNED_COS[i]: a positive
+# mean (100 * 0.1417 = 14.17) with two negative images, so clamping each image (mean of the
+# clamped values: 18.33) and clamping the mean (14.17) give different numbers.
+DESIGNED_COS = (0.42, 0.31, -0.18, 0.25, -0.07, 0.12)
+DESIGNED_CAPTIONS = tuple(f"a photo of thing number {i}" for i in range(len(DESIGNED_COS)))
+
+
+def block_image(seed: int) -> np.ndarray:
+    """A 48 x 64 image of 3 x 4 random colour blocks: the six images are far apart in feature
+    space, so the projection solved below is well conditioned."""
+    small = np.random.default_rng(seed).integers(0, 256, (3, 4, 3), dtype=np.uint8)
+    return np.repeat(np.repeat(small, 16, axis=0), 16, axis=1)
+
+
+@pytest.fixture(scope="module")
+def designed(tiny_config, tmp_path_factory):
+    """(weights file, items): the tiny model with ``visual.proj`` replaced by the least-squares
+    solution P of H P = E, H = the six edits' pooled features before the projection (6 x 64),
+    E = unit embeddings at cosine DESIGNED_COS[i] from caption i's text embedding (6 x 32)."""
+    import copy
+
+    model = tiny(clipm.ClipT).bundle.model
+    edits = [block_image(100 + i) for i in range(len(DESIGNED_COS))]
+    unprojected = copy.deepcopy(model.visual)
+    unprojected.proj = None
+    with torch.no_grad():
+        h = torch.cat([unprojected(ref_transform(e, 64)[None]) for e in edits]).double().numpy()
+        t = model.encode_text(open_clip.tokenize(list(DESIGNED_CAPTIONS))).double().numpy()
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    rng = np.random.default_rng(0)
+    e = []
+    for c, ti in zip(DESIGNED_COS, t):
+        r = rng.standard_normal(ti.shape)
+        u = r - (r @ ti) * ti
+        e.append(c * ti + math.sqrt(1 - c * c) * u / np.linalg.norm(u))
+    proj = np.linalg.lstsq(h, np.stack(e), rcond=None)[0]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["visual.proj"] = torch.from_numpy(proj.astype(np.float32))
+    path = tmp_path_factory.mktemp("designed_clip") / "designed.pt"
+    torch.save(sd, path)
+    items = [ScoringItem(sample(f"d{i}", seed=i, target_caption=cap), e_img)
+             for i, (cap, e_img) in enumerate(zip(DESIGNED_CAPTIONS, edits))]
+    return path, items
+
+
+def designed_metric(cls, path, **kw):
+    return tiny(cls, weights_path=str(path), allow_random_weights=False, **kw)
+
+
+def designed_cosines(metric, items) -> np.ndarray:
+    """The cosines recomputed independently (torchvision transform, open_clip's encode_*)."""
+    cos = np.array([float(np.dot(img_emb(metric, it.edit), txt_emb(metric, it.sample.target_caption))) for it in items])
+    # float32 forward of a float32 projection of norm ~2: the design holds to ~1e-7
+    np.testing.assert_allclose(cos, DESIGNED_COS, atol=1e-5)
+    return cos
+
+
 # -- tests --------------------------------------------------------------------------------------
 def test_preprocess_matches_openai_transform():
     m = tiny(clipm.ClipI)
@@ -113,7 +172,7 @@ def test_clip_i_matches_recomputation_and_identity():
     items = [item(s, seed=50 + i) for i, s in enumerate(samples)]
     items.append(ScoringItem(samples[0], samples[0].source.copy()))  # identity edit
     rows = m.score_batch(items)
-    assert all(len(r) == 1 and r[0].region == "all" and r[0].metric == "clip_i" for r in rows)
+    assert len(rows) == 5 and all(len(r) == 1 and r[0].region == "all" and r[0].metric == "clip_i" for r in rows)
     for it, r in zip(items, rows):
         want = float(np.dot(img_emb(m, it.edit), img_emb(m, it.sample.source)))
         assert r[0].value == pytest.approx(want, abs=1e-5)
@@ -131,28 +190,37 @@ def test_clip_i_reference_target_missing_flagged():
     assert rows[1][0].value == pytest.approx(want, abs=1e-5)
 
 
-def test_clip_t_matches_recomputation_scale_and_clamp():
-    samples = [sample(f"s{i}", seed=i, target_caption=f"caption number {i}") for i in range(5)]
-    items = [item(s, seed=20 + i) for i, s in enumerate(samples)]
-    base = tiny(clipm.ClipT)
-    cos = [float(np.dot(img_emb(base, it.edit), txt_emb(base, it.sample.target_caption))) for it in items]
-    assert any(c < 0 for c in cos) or any(c > 0 for c in cos)
+def test_clip_t_matches_recomputation_scale_and_clamp(designed):
+    path, items = designed
+    base = designed_metric(clipm.ClipT, path)
+    cos = designed_cosines(base, items)
+    assert (cos > 0).sum() == 4 and (cos < 0).sum() == 2
     got = [r[0].value for r in base.score_batch(items)]
     np.testing.assert_allclose(got, cos, atol=1e-5)
-    x100 = [r[0].value for r in tiny(clipm.ClipT, scale=100.0).score_batch(items)]
-    np.testing.assert_allclose(x100, [100 * c for c in cos], atol=1e-3)
-    per = [r[0].value for r in tiny(clipm.ClipT, scale=100.0, clamp="per_image").score_batch(items)]
-    np.testing.assert_allclose(per, [max(100 * c, 0.0) for c in cos], atol=1e-3)
-    assert min(per) >= 0.0
-    mean_m = tiny(clipm.ClipT, scale=100.0, clamp="mean")
-    unclamped = [r[0].value for r in mean_m.score_batch(items)]
-    np.testing.assert_allclose(unclamped, [100 * c for c in cos], atol=1e-3)  # rows unclamped
+    x100 = [r[0].value for r in designed_metric(clipm.ClipT, path, scale=100.0).score_batch(items)]
+    np.testing.assert_allclose(x100, 100 * cos, atol=1e-3)
+    # per image: the two negative images are clamped to exactly 0, the four others untouched
+    per = np.array([r[0].value for r in designed_metric(clipm.ClipT, path, scale=100.0, clamp="per_image").score_batch(items)])
+    assert (per == 0.0).sum() == 2 and np.array_equal(per == 0.0, cos < 0)
+    np.testing.assert_allclose(per[cos > 0], 100 * cos[cos > 0], atol=1e-3)
+    assert per.mean() == pytest.approx(100 * np.mean(np.maximum(DESIGNED_COS, 0)), abs=1e-3)  # 18.33
+    # clamp on the mean: rows stay unclamped (negative ones included), the aggregate clamps
+    mean_m = designed_metric(clipm.ClipT, path, scale=100.0, clamp="mean")
+    unclamped = np.array([r[0].value for r in mean_m.score_batch(items)])
+    np.testing.assert_allclose(unclamped, 100 * cos, atol=1e-3)
+    assert (unclamped < 0).sum() == 2
     assert mean_m.mean_clamp_min == 0.0 and "max(mean, 0)" in mean_m.region_rule()
-    assert clipm.clamped_mean(unclamped) == pytest.approx(max(float(np.mean(unclamped)), 0.0))
-    assert clipm.clamped_mean([-3.0, -1.0, float("nan")]) == 0.0
+    assert clipm.clamped_mean(unclamped) == pytest.approx(100 * np.mean(DESIGNED_COS), abs=1e-3)  # 14.17
+    assert clipm.clamped_mean(unclamped) < per.mean() - 4  # the two rules really differ here
+    negative = unclamped[cos < 0]
+    assert negative.mean() < -5 and clipm.clamped_mean(negative) == 0.0  # the clamp binds
+    assert clipm.clamped_mean(list(unclamped) + [float("nan")]) == pytest.approx(clipm.clamped_mean(unclamped))
+    assert math.isnan(clipm.clamped_mean([float("nan")]))
     # instruction as the text
-    ins = [r[0].value for r in tiny(clipm.ClipT, text_field="instruction").score_batch(items[:2])]
-    np.testing.assert_allclose(ins, [float(np.dot(img_emb(base, it.edit), txt_emb(base, it.sample.instruction))) for it in items[:2]], atol=1e-5)
+    ins = [r[0].value for r in designed_metric(clipm.ClipT, path, text_field="instruction").score_batch(items[:2])]
+    want = [float(np.dot(img_emb(base, it.edit), txt_emb(base, it.sample.instruction))) for it in items[:2]]
+    assert want[0] != pytest.approx(cos[0], abs=1e-2)
+    np.testing.assert_allclose(ins, want, atol=1e-5)
 
 
 def test_clamp_rules_on_values():
@@ -178,7 +246,7 @@ def test_clip_t_edited_region_zero_fill_and_flags():
     assert rows[0][0].value != pytest.approx(rows[0][1].value, abs=1e-6)
     assert rows[1][1].flag == "no_mask" and math.isnan(rows[1][1].value) and not math.isnan(rows[1][0].value)
     assert rows[2][1].flag == "empty_region" and math.isnan(rows[2][1].value)
-    assert all(math.isnan(v.value) and v.flag == "missing:target_caption" for v in rows[3])
+    assert len(rows[3]) == 2 and all(math.isnan(v.value) and v.flag == "missing:target_caption" for v in rows[3])
     # a mask on another grid is resized (nearest) to the edit's grid
     s2 = sample("b")
     big = np.asarray(item(s2, seed=8).edit)
@@ -211,19 +279,9 @@ def test_clip_directional_matches_recomputation_and_flags():
     assert rows[5][0].flag == "zero_image_direction" and math.isnan(rows[5][0].value)
 
 
-def test_clipscore_defaults_and_torchmetrics_formula():
-    d = clipm.ClipScore()
-    assert (d.model_name, d.pretrained, d.scale, d.clamp) == ("ViT-L-14", "openai", 100.0, "mean")
-    m = tiny(clipm.ClipScore)
-    samples = [sample(f"s{i}", seed=i, target_caption=f"some caption {i}") for i in range(4)]
-    items = [item(s, seed=40 + i) for i, s in enumerate(samples)]
-    rows = m.score_batch(items)
-
-    # torchmetrics' own CLIPScore update/compute on the same model through an HF-style adapter.
-    from PIL import Image
+def torchmetrics_clipscore(bundle, items) -> float:
+    """torchmetrics' own CLIPScore update/compute on the same model through an HF-style adapter."""
     from torchmetrics.multimodal.clip_score import CLIPScore
-
-    bundle = m.bundle
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -248,13 +306,30 @@ def test_clipscore_defaults_and_torchmetrics_formula():
     with torch.no_grad():
         for it in items:
             tm.update(torch.from_numpy(np.ascontiguousarray(it.edit.transpose(2, 0, 1))), it.sample.target_caption)
-        want = float(tm.compute())
+        return float(tm.compute())
+
+
+def test_clipscore_defaults_and_torchmetrics_formula(designed):
+    d = clipm.ClipScore()
+    assert (d.model_name, d.pretrained, d.scale, d.clamp) == ("ViT-L-14", "openai", 100.0, "mean")
+    path, items = designed
+    m = designed_metric(clipm.ClipScore, path)
+    cos = designed_cosines(m, items)
+    rows = m.score_batch(items)
+    assert len(rows) == 6 and all(len(r) == 1 for r in rows)
+    np.testing.assert_allclose([r[0].value for r in rows], 100 * cos, atol=1e-3)  # rows unclamped
     ours = clipm.clamped_mean([r[0].value for r in rows])
+    want = torchmetrics_clipscore(m.bundle, items)
+    # torchmetrics averages float32 scores; 1e-3 on values ~14 covers float32 accumulation
+    assert want == pytest.approx(100 * np.mean(DESIGNED_COS), abs=1e-3)  # 14.17: not clamped
     assert ours == pytest.approx(want, abs=1e-3)
-    # and the independent numpy formula: max(mean(100 cos), 0)
-    cos = [float(np.dot(img_emb(m, it.edit), txt_emb(m, it.sample.target_caption))) for it in items]
-    assert ours == pytest.approx(max(100 * float(np.mean(cos)), 0.0), abs=1e-3)
-    np.testing.assert_allclose([r[0].value for r in rows], [100 * c for c in cos], atol=1e-3)
+    # a per-image clamp (PIE-Bench's rule) would give 18.33: torchmetrics does not do that
+    assert abs(want - 100 * np.mean(np.maximum(cos, 0))) > 4
+    # where the mean is negative both clamp it to exactly 0 (the two negative images alone)
+    neg = [it for it, c in zip(items, cos) if c < 0]
+    assert len(neg) == 2 and np.mean([r[0].value for r, c in zip(rows, cos) if c < 0]) < -5
+    assert torchmetrics_clipscore(m.bundle, neg) == 0.0
+    assert clipm.clamped_mean([r[0].value for r in m.score_batch(neg)]) == 0.0
 
 
 def test_random_weights_named_and_unavailable_without(monkeypatch, tmp_path):
@@ -299,7 +374,7 @@ def test_suite_unavailable_gives_no_numbers(monkeypatch, tmp_path):
     for e in suite.entries:
         assert e.unavailable
         rows = suite.score(e, [it])[0]
-        assert rows and all(math.isnan(v.value) and v.flag == "unavailable" for v in rows)
+        assert len(rows) == 1 and math.isnan(rows[0].value) and rows[0].flag == "unavailable"
     desc = suite.describe()
     assert "weights unavailable" in desc["clip_t"]["weights"]
 
@@ -315,9 +390,15 @@ def test_suite_runs_with_random_weights():
     })
     it = item(sample("a"))
     out = {e.name: suite.score(e, [it])[0] for e in suite.entries}
-    assert all(not e.unavailable for e in suite.entries)
+    assert len(suite.entries) == 4 and all(not e.unavailable for e in suite.entries)
     assert [v.region for v in out["cs_edit"]] == ["edited"]
-    assert all(len(r) == 1 and not math.isnan(r[0].value) for r in out.values())
+    assert all(len(r) == 1 for r in out.values())
+    # the suite's numbers are the metrics' own
+    alone = {"clip_t": tiny(clipm.ClipT), "clip_i": tiny(clipm.ClipI), "clip_dir": tiny(clipm.ClipDirectional),
+             "cs_edit": tiny(clipm.ClipScore, image_region="edited")}
+    for name, m in alone.items():
+        want = m.score_batch([it])[0][0].value
+        assert not math.isnan(want) and out[name][0].value == pytest.approx(want, abs=1e-6), name
     assert "RANDOM WEIGHTS (smoke run)" in suite.describe()["clip_i"]["weights"]
 
 
@@ -508,9 +589,16 @@ def test_text_trimmed_at_last_end_token_equals_encode_text(monkeypatch):
         assert lengths == [eot + 1] and eot + 1 < 20  # the longest caption's end token, not 77
         want = model.encode_text(tok)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    # a non-causal text tower must see the padding: the full forward is used
-    monkeypatch.setattr(model, "attn_mask", torch.zeros(77, 77))
-    lengths.clear()
-    with torch.no_grad():
-        cm.encode_text_trimmed(model, tok)
-    assert lengths == [77]
+    # a non-causal text tower must see the padding: the full forward is used. attn_mask is a
+    # buffer of the shared tiny model: set and restored by hand (monkeypatch's undo would delete
+    # it, since it is not in the instance __dict__, and break every later test of the module)
+    causal = model.attn_mask
+    model.attn_mask = torch.zeros(77, 77)
+    try:
+        lengths.clear()
+        with torch.no_grad():
+            cm.encode_text_trimmed(model, tok)
+        assert lengths == [77]
+    finally:
+        model.attn_mask = causal
+    assert torch.equal(model.attn_mask, causal)

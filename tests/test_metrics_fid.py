@@ -92,7 +92,11 @@ def test_fid_batch_size_invariance(gaussian):
     m.set_feature_extractor(TableExtractor(g["x"], g["y"]), "table")
     a = stream(m, items, 3)[0].value
     b = stream(m, items, 50)[0].value
-    assert math.isfinite(a) and a == pytest.approx(b, rel=1e-9)
+    x, y = g["x"][:600], g["y"][:600]
+    want = fid_closed_form(y.mean(0), np.cov(y, rowvar=False), x.mean(0), np.cov(x, rowvar=False))
+    assert want > 1.0 and a == pytest.approx(want, rel=1e-6)
+    # float64 sums accumulated in another order: differences at the 1e-15 level of the sums
+    assert a == pytest.approx(b, rel=1e-9)
 
 
 def test_too_few_and_source_dedupe(tmp_path):
@@ -176,12 +180,21 @@ def test_kid_subsets_equal_numpy_per_subset():
 
 def test_kid_reservoir_is_bounded():
     rng = np.random.default_rng(9)
-    x, y = rng.standard_normal((50, 4)), rng.standard_normal((50, 4))
+    x = rng.standard_normal((50, 4)).astype(np.float32)
+    y = (rng.standard_normal((50, 4)) + 0.5).astype(np.float32)
     m = KID(stats_cache_dir=None, kid_max_features=8, kid_subsets=3)
     m.set_feature_extractor(TableExtractor(x, y), "table")
-    rows = stream(m, coded_items(50), 5)
-    assert m._edits.rows.shape == (8, 4) and m._ref.rows.shape == (8, 4) and m._edits.n == 50
-    assert all(math.isfinite(r.value) for r in rows) and rows[0].flag == "subset_size=8"
+    mean, std = stream(m, coded_items(50), 5)
+    assert m._edits.rows.shape == (8, 4) and m._ref.rows.shape == (8, 4) and m._edits.n == m._ref.n == 50
+    # the reservoir holds 8 distinct input rows, not only the first batches
+    for kept, src in ((m._edits.rows, x), (m._ref.rows, y)):
+        idx = [int(np.flatnonzero((src == r).all(axis=1))[0]) for r in kept]
+        assert len(set(idx)) == 8 and max(idx) >= 10
+    # and KID is the unbiased MMD^2 of those rows (subset size clipped to 8: every subset is all rows)
+    assert mean.flag == std.flag == "subset_size=8"
+    want = mmd_unbiased_numpy(m._ref.rows.astype(np.float64), m._edits.rows.astype(np.float64))
+    assert abs(want) > 1e-3 and mean.value == pytest.approx(want, rel=1e-9)
+    assert std.value == pytest.approx(0.0, abs=1e-12)
 
 
 # -- reference caches ---------------------------------------------------------------------------
@@ -300,7 +313,20 @@ def no_download():
     mp.undo()
 
 
-def test_random_weight_inception_end_to_end(tmp_path, monkeypatch, no_download):
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory, no_download):
+    """The seeded random-weight FID Inception written as a weights file (torchmetrics, torch-fidelity
+    and the metric all load it)."""
+    import torch
+
+    from harness.metrics.fid import load_inception
+
+    f = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(load_inception(None, antialias=True, random_seed=0).state_dict(), f)
+    return f
+
+
+def test_random_weight_inception_end_to_end(tmp_path, monkeypatch, no_download, inception_file):
     import torch
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -313,14 +339,20 @@ def test_random_weight_inception_end_to_end(tmp_path, monkeypatch, no_download):
     fid = FID(allow_random_weights=True, stats_cache_dir=str(tmp_path / "c"))
     assert fid.available() is None and RANDOM_WEIGHTS in fid.weights()
     (row,) = stream(fid, same, 2)
-    scale = float(np.trace(np.cov(fid.extract(imgs).astype(np.float64), rowvar=False)))
-    assert math.isfinite(row.value) and abs(row.value) < 1e-4 * scale
-    kid_rows = stream(KID(allow_random_weights=True, stats_cache_dir=None), same, 2)
-    assert all(math.isfinite(r.value) for r in kid_rows)
+    feats = fid.extract(imgs).astype(np.float64)
+    scale = float(np.trace(np.cov(feats, rowvar=False)))
+    # identical sets: FID 0 up to the square root of a rank-2 product (eigenvalues ~1e-12 of scale)
+    assert scale > 1e-3 and row.flag is None and abs(row.value) < 1e-4 * scale
+    # KID of identical sets is the unbiased MMD^2 of the features with themselves (not 0: the cross
+    # term keeps its diagonal); 3 rows < subset size, so every subset is all rows
+    mean, std = stream(KID(allow_random_weights=True, stats_cache_dir=None), same, 2)
+    assert mean.flag == "subset_size=3"
+    want = mmd_unbiased_numpy(feats, feats)
+    assert want != 0 and mean.value == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert std.value == pytest.approx(0.0, abs=1e-12)
 
-    # default mode is exactly torchmetrics' FID (same weights written to a file)
-    wfile = tmp_path / "random_inception.pth"
-    torch.save(fid._model.state_dict(), wfile)
+    # default mode is exactly torchmetrics' FID (same weights from the same file)
+    wfile = inception_file
     tm = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(wfile))
     x_real = torch.from_numpy(np.stack(imgs).transpose(0, 3, 1, 2).copy())
     x_fake = torch.from_numpy(np.stack(others).transpose(0, 3, 1, 2).copy())
@@ -331,17 +363,102 @@ def test_random_weight_inception_end_to_end(tmp_path, monkeypatch, no_download):
     assert "RANDOM" not in ours.weights() and str(wfile) in ours.weights()
     diff = [ScoringItem(Sample(id=f"s{i}", dataset="d", source=a), edit=b) for i, (a, b) in enumerate(zip(imgs, others))]
     got = stream(ours, diff, 2)[0].value
-    assert got > 0 and got == pytest.approx(want, rel=1e-4)
+    # rel 1e-4: both take float64 moments of the same features, but the rank-2 covariances of 3
+    # images make the eigenvalue square roots sensitive to the order of the float64 sums
+    assert got > 1e-3 and got == pytest.approx(want, rel=1e-4)
     with torch.no_grad():
-        assert np.allclose(ours.extract(imgs), tm.inception(x_real).numpy(), rtol=0, atol=1e-6)
+        # the same network, input and batch (one group of 3 equal-size images): same computation
+        np.testing.assert_array_equal(ours.extract(imgs), tm.inception(x_real).numpy())
 
-    # torch_fidelity mode = torch-fidelity's own extractor; clean mode runs
+    # torch_fidelity mode = torch-fidelity's own extractor (its TF1 resize, no antialias)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     tf = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(wfile))
     with torch.no_grad():
         (tf_feats,) = tf(x_real)
-    tfm = FID(weights_path=str(wfile), mode="torch_fidelity", stats_cache_dir=None)
-    assert np.allclose(tfm.extract(imgs), tf_feats.numpy(), rtol=0, atol=1e-6)
-    clean = FID(weights_path=str(wfile), mode="clean", stats_cache_dir=None).extract(imgs)
-    assert clean.shape == (3, 2048) and np.all(np.isfinite(clean))
+    tfm = FID(weights_path=str(wfile), mode="torch_fidelity", stats_cache_dir=None).extract(imgs)
+    # torchmetrics' network runs its copy of torch-fidelity's forward, calling the same TF1 resize
+    # function and layers on the same batch: the same computation
+    np.testing.assert_array_equal(tfm, tf_feats.numpy())
+    # the two resizes really differ (so the equalities above tell the modes apart)
+    assert np.abs(tfm - ours.extract(imgs)).max() > 1e-4
+
+
+# -- clean mode = clean-fid ---------------------------------------------------------------------
+def test_clean_resize_equals_clean_fid_resizer():
+    """clean-fid's own 'clean' resizer (cleanfid.resize.build_resizer) on the same arrays: the same
+    PIL float ('F') bicubic per channel and clip, so bit-identical, for up- and downsampling,
+    non-square and already-299 images."""
+    from cleanfid.resize import build_resizer
+
+    from harness.metrics.fid import clean_resize
+
+    theirs = build_resizer("clean")
+    rng = np.random.default_rng(5)
+    for shape in [(24, 20), (299, 299), (512, 384), (7, 300), (333, 301)]:
+        im = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        got, want = clean_resize(im), theirs(im)
+        assert got.dtype == want.dtype == np.float32 and got.shape == want.shape == (299, 299, 3)
+        np.testing.assert_array_equal(got, want)
+        if shape != (299, 299):
+            assert np.any(got != np.round(got))  # not re-quantised to uint8
+        assert got.min() >= 0 and got.max() <= 255
+
+
+def test_clean_mode_features_equal_clean_fid_pipeline(tmp_path, inception_file):
+    """Mode ``clean`` = clean-fid's feature pipeline (its folder reader, ResizeDataset 'clean' resize,
+    float tensors, DataLoader batches) feeding torch-fidelity's network after its resize step, which
+    is what clean-fid's TorchScript Inception computes: (x - 128) / 128, then the layers."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+    from cleanfid.fid import get_folder_features
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, shape in enumerate([(40, 30), (40, 30), (64, 80), (17, 23)]):  # mixed sizes in one batch
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    files = sorted(folder.glob("*.png"))
+    imgs = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+
+    tf = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_file))
+    mp = pytest.MonkeyPatch()
+
+    def network_after_resize(x):  # x: float N x 3 x 299 x 299 in [0, 255], resized by clean-fid
+        assert x.dtype == torch.float32 and tuple(x.shape[1:]) == (3, 299, 299)
+        mp.setattr(tfi, "interpolate_bilinear_2d_like_tensorflow1x", lambda t, size, align_corners: x)
+        try:
+            (f,) = tf(torch.zeros(x.shape, dtype=torch.uint8))  # the uint8 placeholder is replaced by x
+        finally:
+            mp.undo()
+        return f
+
+    with torch.no_grad():
+        want = get_folder_features(str(folder), model=network_after_resize, num_workers=0, batch_size=len(files),
+                                   device=torch.device("cpu"), mode="clean", verbose=False)
+    got = FID(weights_path=str(inception_file), mode="clean", stats_cache_dir=None).extract(imgs)
+    assert got.shape == want.shape == (4, 2048)
+    # same resize (bit-identical, above), same layers, one batch of 4 on both sides; the tolerance
+    # only allows float32 reassociation (~1e-7 of features of size ~0.3)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    # the other resizes give other features, far outside that tolerance
+    tm_mode = FID(weights_path=str(inception_file), stats_cache_dir=None).extract(imgs)
+    assert np.abs(tm_mode - want).max() > 1e-3
+
+
+def test_kid_formula_equals_clean_fid(gaussian):
+    """clean-fid's KID loop (cleanfid.fid.kernel_distance) on the same features: with one subset of
+    all rows no randomness is left, and it is the unbiased MMD^2 of the cubic kernel. (Its Fréchet
+    distance is scipy's sqrtm formula, already the reference of the FID tests above; it passes
+    scipy's ``disp`` argument, which SciPy 1.18 removes, so it is not called here.)"""
+    from cleanfid.fid import kernel_distance
+
+    from harness.metrics.fid import kid_from_features
+
+    fx, fy = gaussian["x"][:300].astype(np.float32), gaussian["y"][:300].astype(np.float32)
+    mean, std, m = kid_from_features(fy, fx, subsets=3, subset_size=1000)
+    assert m == 300 and std == pytest.approx(0.0, abs=1e-12)
+    cf = kernel_distance(fy.astype(np.float64), fx.astype(np.float64), num_subsets=1, max_subset_size=300)
+    # float64 on both sides, sums in another order: ~1e-15 relative
+    assert abs(cf) > 1e-3 and mean == pytest.approx(cf, rel=1e-9)

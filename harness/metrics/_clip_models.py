@@ -30,6 +30,14 @@ preprocessing (mean/std, bicubic, resize shortest side + centre crop) is forced 
 open_clip only merges it when given the tag name, not a file. For ``openai`` tags that transform
 equals OpenAI CLIP's ``_transform``: Resize(n_px, BICUBIC) on the PIL image, CenterCrop(n_px),
 RGB, ToTensor, Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD).
+
+Precision. ``precision="fp32"`` (default) runs the network in float32. ``"fp16"`` is what OpenAI's
+``clip.load`` builds on a CUDA device (and so what MagicBrush's ``image_eval.py`` ran): conv,
+linear and attention weights and the two projections in float16 (``convert_weights``), LayerNorm
+computed in float32 and cast back, the image cast to float16 before the network; open_clip's
+``precision="fp16"`` builds exactly that layout (``convert_weights_to_lp``, ``LayerNormFp32``).
+Embeddings are returned as float32 either way. :func:`load_clip` builds fp16 on any device; the
+metrics refuse fp16 off CUDA (``clip.py``).
 """
 from __future__ import annotations
 
@@ -47,6 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ._feature_cache import image_hash
 from .base import resolve_device
 
@@ -54,6 +63,7 @@ ALLOW_DOWNLOADS_ENV = "EDIT_HARNESS_ALLOW_DOWNLOADS"
 RANDOM_WEIGHTS_TEXT = "RANDOM WEIGHTS (smoke run)"
 HF_WEIGHTS_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+PRECISIONS = ("fp32", "fp16")
 
 _MODELS: dict[tuple, "ClipBundle"] = {}
 _LOCK = threading.Lock()
@@ -275,11 +285,7 @@ class FeatureCache:
             while len(self._mem) > self.max_items:
                 self._mem.popitem(last=False)
         if disk_dir is not None:
-            disk_dir.mkdir(parents=True, exist_ok=True)
-            f = disk_dir / f"{key[1]}_{key[2]}.npy"
-            tmp = f.with_name(f"{f.stem}.{os.getpid()}.{threading.get_ident()}.tmp.npy")
-            np.save(tmp, value)
-            os.replace(tmp, f)
+            atomic_write(disk_dir / f"{key[1]}_{key[2]}.npy", lambda fh: np.save(fh, value))
 
     def clear(self) -> None:
         with self._lock:
@@ -395,7 +401,8 @@ class ClipBundle:
     tokenizer: Any
     device: str
     resolved: Resolved
-    key: str  # identifies weights + preprocessing + device for the feature cache
+    key: str  # identifies weights + preprocessing + device (+ precision) for the feature cache
+    precision: str = "fp32"
 
     @property
     def random(self) -> bool:
@@ -430,7 +437,9 @@ class ClipBundle:
                     from PIL import Image
 
                     x = torch.stack([self.preprocess(Image.fromarray(np.asarray(inputs[i]))) for i in first])
-                    feats = encode_image_cls(self.model, x.to(self.device))
+                    # fp16: the image enters the network in float16 (OpenAI's image.type(self.dtype)).
+                    dtype = torch.float16 if self.precision == "fp16" else torch.float32
+                    feats = encode_image_cls(self.model, x.to(self.device, dtype=dtype))
                 else:
                     tok = self.tokenizer([str(inputs[i]) for i in first])
                     feats = encode_text_trimmed(self.model, tok.to(self.device))
@@ -463,6 +472,7 @@ def load_clip(
     weights_path: str | None = None,
     device: str = "auto",
     allow_random: bool = False,
+    precision: str = "fp32",
 ) -> ClipBundle:
     """The open_clip model for these settings, loaded once per process (see module doc).
 
@@ -470,11 +480,13 @@ def load_clip(
     """
     from .base import MetricUnavailable
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"CLIP precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     r = resolve_weights(model, pretrained, weights_path, allow_random)
     if isinstance(r, str):
         raise MetricUnavailable(r)
     dev = resolve_device(str(device or "auto"))
-    cache_key = (model, pretrained, r.origin, r.path, dev)
+    cache_key = (model, pretrained, r.origin, r.path, dev, precision)
     with _LOCK:
         if cache_key in _MODELS:
             return _MODELS[cache_key]
@@ -484,7 +496,7 @@ def load_clip(
     pp = dict(r.preprocess)
     if r.origin == "local_dir":
         name = f"local-dir:{r.path}"
-        net, _, preprocess = open_clip.create_model_and_transforms(name)
+        net, _, preprocess = open_clip.create_model_and_transforms(name, precision=precision)
         tokenizer = open_clip.get_tokenizer(name)
     else:
         kw: dict[str, Any] = dict(
@@ -493,6 +505,7 @@ def load_clip(
             image_std=pp.get("std"),
             image_interpolation=pp.get("interpolation"),
             image_resize_mode=pp.get("resize_mode"),
+            precision=precision,
         )
         if r.origin == "random":
             with torch.random.fork_rng(devices=[]):
@@ -504,8 +517,10 @@ def load_clip(
             net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=r.path, **kw)
         tokenizer = open_clip.get_tokenizer(model)
     net = net.eval().requires_grad_(False).to(dev)
-    h = hashlib.sha1(repr((model, pretrained, r.origin, r.path, r.quick_gelu, r.preprocess,
-                           torch.device(dev).type)).encode()).hexdigest()[:16]
-    bundle = ClipBundle(net, preprocess, tokenizer, dev, r, key=h)
+    ident: tuple = (model, pretrained, r.origin, r.path, r.quick_gelu, r.preprocess, torch.device(dev).type)
+    if precision != "fp32":  # fp32 keys unchanged: feature caches written before precision existed stay valid
+        ident += (precision,)
+    h = hashlib.sha1(repr(ident).encode()).hexdigest()[:16]
+    bundle = ClipBundle(net, preprocess, tokenizer, dev, r, key=h, precision=precision)
     with _LOCK:
         return _MODELS.setdefault(cache_key, bundle)

@@ -704,6 +704,7 @@ class _RegionClipMetric(Metric):
     higher_is_better: ClassVar[bool] = True
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ("source",)
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchvision", "open_clip_torch")
     param_defaults: ClassVar[dict[str, Any]] = {**COMMON_DEFAULTS, **MASKED_DEFAULTS}
 
     def __init__(
@@ -769,6 +770,9 @@ class _RegionClipMetric(Metric):
 
     def weights(self) -> str:
         return self.backend.weights()
+
+    def precision(self) -> str | None:
+        return "fp32"
 
     def value_rule(self) -> str:
         s = "100*cos" if self.scale == 100 else ("cos" if self.scale == 1 else f"{self.scale:g}*cos")

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from .. import versions
 from ..types import Sample, ScoreValue
 
 REGIONS = ("all", "edited", "unedited")
@@ -31,6 +32,14 @@ REGION_RULE_TEXT = {
     "area": "mean over the region's pixels",
     "zero_fill": "both images zero-filled outside the region, mean over the whole image (PIE-Bench)",
 }
+
+
+# Libraries whose numerics define a metric's values (issue 10): their installed versions go into
+# every cached score's key (the suite's entry hash), so that an upgrade (say torchmetrics 1.4.2,
+# which changed how SSIM averages its map) rescores instead of mixing two conventions in one
+# table. Names are distributions; "opencv" / "dlib" stand for whichever of their wheels is installed.
+NUMERIC_LIBRARIES = ("numpy", "pillow", "opencv", "torch", "torchvision", "torchmetrics", "open_clip_torch",
+                     "timm", "lpips", "scikit-image")
 
 
 class MetricUnavailable(RuntimeError):
@@ -56,6 +65,10 @@ class Metric(abc.ABC):
     # original contract). Subclasses that set it get unknown keywords rejected with a TypeError
     # naming the known ones (the suite turns that into a config error).
     param_defaults: ClassVar[dict[str, Any] | None] = None
+
+    # The libraries whose versions key this metric's cached scores (see NUMERIC_LIBRARIES); a
+    # metric that does not say gets them all (an upgrade of any of them rescores it).
+    numeric_libraries: ClassVar[tuple[str, ...]] = NUMERIC_LIBRARIES
 
     def __init__(self, *, protocol: str = "default", name: str | None = None, **params: Any):
         self.protocol = protocol
@@ -90,6 +103,20 @@ class Metric(abc.ABC):
     def region_rule(self) -> str:
         """Human-readable description of how regions are applied, written into tables."""
         return "-"
+
+    def conventions(self) -> list[str]:
+        """Further conventions that define the numbers (reference image, SSIM border ...), short
+        phrases the suite writes after :meth:`region_rule` into every table's caption."""
+        return []
+
+    def precision(self) -> str | None:
+        """The floating-point precision of the metric's network (``fp32``, ``fp16 ...``), named in
+        every table's weights column; None for formula metrics."""
+        return None
+
+    def library_versions(self) -> dict[str, str | None]:
+        """The installed versions of :attr:`numeric_libraries` (keys of the cached scores)."""
+        return versions.library_versions(self.numeric_libraries)
 
     def output_rows(self) -> list[tuple[str, str]]:
         """The (metric name, region) rows one item gets; also the rows of NaN results the suite
@@ -324,6 +351,9 @@ class ImageMetric(Metric):
 
     def region_rule(self) -> str:
         return REGION_RULE_TEXT[self.rule]
+
+    def conventions(self) -> list[str]:
+        return [f"edit vs {self.reference} image (resized bicubic to its size if they differ)"]
 
     # -- preparation ----------------------------------------------------------------------
     def reference_image(self, sample: Sample) -> np.ndarray | None:

@@ -32,6 +32,17 @@ is undefined: identical captions (or text embeddings closer than 1e-6) give NaN 
 ``zero_text_direction``; an edit whose image embedding equals the source's (an identity edit)
 gives NaN flagged ``zero_image_direction``. These NaNs are excluded from means and counted.
 
+Precision (``precision``): ``fp32`` (default) or ``fp16``, OpenAI's mixed float16 as ``clip.load``
+builds it on a GPU, which is how MagicBrush's ``image_eval.py`` computed CLIP-I and CLIP-T
+(``_clip_models.py``). fp16 needs a CUDA device: on any other device the metric is unavailable
+with the reason (CPU float16 kernels give neither the GPU's numbers nor usable speed: ViT-B/32
+took ~8 s per image on 2 cores), never silently run in another precision. The precision is named
+in every table.
+
+Image (``clip_t``/``clipscore``, ``image_field``): ``edit`` (default), or ``source`` / ``target``:
+the sample's own image, whatever the edit (PIE-Bench's ``clip_similarity_source_image``: the
+source image vs the source prompt, the score the benchmark reports beside the edits').
+
 Regions. These metrics report region ``all`` (the whole image). ``clip_t``/``clipscore`` with
 ``image_region: edited`` report region ``edited``: the edit multiplied by the sample's mask
 (zero outside; PIE-Bench's "edited part": target image * mask), the mask resized nearest to the
@@ -57,11 +68,12 @@ import numpy as np
 
 from ..registry import METRICS
 from ..types import Sample, ScoreValue
-from .base import REFERENCES, Metric, MetricUnavailable, ScoringItem, region_flag, resize_mask_like
+from .base import REFERENCES, Metric, MetricUnavailable, ScoringItem, region_flag, resize_mask_like, resolve_device
 from ._clip_models import RANDOM_WEIGHTS_TEXT, Resolved, load_clip, resolve_weights  # noqa: F401
 
 CLAMPS = ("none", "per_image", "mean")
 TEXT_FIELDS = ("target_caption", "instruction", "source_caption")
+IMAGE_FIELDS = ("edit", "source", "target")
 IMAGE_REGIONS = ("all", "edited")
 DIRECTION_EPS = 1e-6
 
@@ -75,6 +87,11 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "scale": 1.0,
     "clamp": "none",
     "feature_cache_dir": None,
+    "precision": "fp32",
+}
+PRECISION_TEXT = {
+    "fp32": "fp32",
+    "fp16": "fp16 (OpenAI clip.load on CUDA: fp16 weights and activations, LayerNorm in fp32)",
 }
 
 
@@ -105,6 +122,7 @@ class _ClipMetric(Metric):
 
     higher_is_better: ClassVar[bool] = True
     version: ClassVar[str] = "1"
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchvision", "open_clip_torch")
     param_defaults: ClassVar[dict[str, Any]] = dict(COMMON_DEFAULTS)
 
     def __init__(
@@ -126,6 +144,10 @@ class _ClipMetric(Metric):
         if self.clamp not in CLAMPS:
             raise ValueError(f"metric '{self.name}': clamp must be one of {', '.join(CLAMPS)}, got {self.clamp!r}")
         self.feature_cache_dir = p["feature_cache_dir"]
+        self.precision_param = str(p["precision"])
+        if self.precision_param not in PRECISION_TEXT:
+            raise ValueError(f"metric '{self.name}': precision must be one of {', '.join(PRECISION_TEXT)}, "
+                             f"got {p['precision']!r}")
         self.reference = str(reference or "source")
         if self.reference not in REFERENCES:
             raise ValueError(f"metric '{self.name}': reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
@@ -140,9 +162,26 @@ class _ClipMetric(Metric):
             self._resolved = resolve_weights(self.model_name, self.pretrained, self.weights_path, self.allow_random)
         return self._resolved
 
+    def precision_problem(self) -> str | None:
+        """Why the configured precision cannot run on this metric's device, or None.
+
+        fp16 is refused off CUDA (module doc). With ``device: auto`` this asks torch whether CUDA
+        is there, so an fp16 protocol imports torch even when all its scores are cached."""
+        if self.precision_param != "fp16":
+            return None
+        dev = resolve_device(self.device_param)
+        if dev.startswith("cuda"):
+            return None
+        return (f"CLIP '{self.name}': precision fp16 reproduces CLIP run in float16 on a CUDA GPU (OpenAI clip.load, "
+                f"as MagicBrush's image_eval.py), but the device here is '{dev}'; CPU float16 kernels give neither the "
+                f"GPU's numbers nor usable speed. Run on a GPU, or set precision: fp32 (the harness's default)")
+
     def available(self) -> str | None:
         r = self.resolved()
-        return r if isinstance(r, str) else None
+        return r if isinstance(r, str) else self.precision_problem()
+
+    def precision(self) -> str | None:
+        return PRECISION_TEXT[self.precision_param]
 
     def weights(self) -> str:
         r = self.resolved()
@@ -168,7 +207,11 @@ class _ClipMetric(Metric):
         r = self.resolved()
         if isinstance(r, str):
             raise MetricUnavailable(r)
-        self._bundle = load_clip(self.model_name, self.pretrained, self.weights_path, self.device_param, self.allow_random)
+        problem = self.precision_problem()
+        if problem:
+            raise MetricUnavailable(problem)
+        self._bundle = load_clip(self.model_name, self.pretrained, self.weights_path, self.device_param, self.allow_random,
+                                 precision=self.precision_param)
 
     @property
     def bundle(self):
@@ -226,12 +269,15 @@ class ClipT(_ClipMetric):
     """CLIP-T: cosine of the edit's image embedding and a caption's text embedding. Higher is better.
 
     Params: the common ones (scale 1, clamp none) plus ``text_field`` (target_caption |
-    instruction | source_caption; default target_caption) and ``image_region`` (``all``: whole
-    edit; ``edited``: edit * mask, zero outside, region ``edited``; or a list of both).
+    instruction | source_caption; default target_caption), ``image_region`` (``all``: whole
+    edit; ``edited``: edit * mask, zero outside, region ``edited``; or a list of both) and
+    ``image_field`` (``edit``, default; ``source`` / ``target``: the sample's image instead of the
+    edit, NaN ``missing:<field>`` without it).
     """
 
     requires: ClassVar[tuple[str, ...]] = ()
-    param_defaults: ClassVar[dict[str, Any]] = {**COMMON_DEFAULTS, "text_field": "target_caption", "image_region": "all"}
+    param_defaults: ClassVar[dict[str, Any]] = {**COMMON_DEFAULTS, "text_field": "target_caption", "image_region": "all",
+                                                "image_field": "edit"}
 
     def __init__(self, **kw: Any):
         super().__init__(**kw)
@@ -244,12 +290,16 @@ class ClipT(_ClipMetric):
         if bad or not ir:
             raise ValueError(f"metric '{self.name}': image_region must be {' or '.join(IMAGE_REGIONS)} (or a list), got {self.params['image_region']!r}")
         self._regions = tuple(dict.fromkeys(ir))
+        self.image_field = str(self.params["image_field"])
+        if self.image_field not in IMAGE_FIELDS:
+            raise ValueError(f"metric '{self.name}': image_field must be one of {', '.join(IMAGE_FIELDS)}, got {self.image_field!r}")
 
     def regions(self) -> tuple[str, ...]:
         return self._regions
 
     def region_rule(self) -> str:
-        parts = {"all": "whole edit", "edited": "edit * mask (zero outside the edited region, PIE-Bench)"}
+        img = "edit" if self.image_field == "edit" else f"{self.image_field} image"
+        parts = {"all": f"whole {img}", "edited": f"{img} * mask (zero outside the edited region, PIE-Bench)"}
         return f"{'; '.join(parts[r] for r in self._regions)} vs {self.text_field}; {self.value_rule()}"
 
     def score_batch(self, items: Sequence[ScoringItem]) -> list[list[ScoreValue]]:
@@ -261,7 +311,12 @@ class ClipT(_ClipMetric):
                 for r in self._regions:
                     rows[i][r] = ScoreValue(self.name, r, math.nan, f"missing:{self.text_field}")
                 continue
-            edit = np.asarray(it.edit)
+            edit = np.asarray(it.edit) if self.image_field == "edit" else getattr(it.sample, self.image_field)
+            if edit is None:
+                for r in self._regions:
+                    rows[i][r] = ScoreValue(self.name, r, math.nan, f"missing:{self.image_field}")
+                continue
+            edit = np.asarray(edit)
             for r in self._regions:
                 if r == "all":
                     jobs.append((i, r, edit, str(text)))
@@ -277,7 +332,8 @@ class ClipT(_ClipMetric):
                     continue
                 jobs.append((i, r, (edit * m[..., None]).astype(np.uint8), str(text)))
         if jobs:
-            img = self.embed_images([j[2] for j in jobs], persist=False)
+            # A sample's own image does not depend on the method: kept in the feature cache.
+            img = self.embed_images([j[2] for j in jobs], persist=self.image_field != "edit")
             txt = self.embed_texts([j[3] for j in jobs])
             cos = cosine_rows(img, txt)
             for k, (i, r, _, _) in enumerate(jobs):

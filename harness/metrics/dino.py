@@ -541,6 +541,7 @@ class _DinoMetric(Metric):
 
     version: ClassVar[str] = "1"
     requires: ClassVar[tuple[str, ...]] = ("source",)
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchvision", "timm")
     param_defaults: ClassVar[dict[str, Any]] = dict(COMMON_DEFAULTS)
 
     def __init__(
@@ -578,6 +579,9 @@ class _DinoMetric(Metric):
         if isinstance(r, str):
             return f"DINO {self.arch.name} ({self.arch.label}); weights unavailable"
         return r.where
+
+    def precision(self) -> str | None:
+        return "fp32"  # MagicBrush and PIE-Bench run DINO in float32 (torch.hub model, no .half())
 
     def scale_text(self) -> str:
         return "" if self.scale == 1 else f", x{self.scale:g}"

@@ -28,9 +28,12 @@ Modes (``mode``), i.e. how an RGB uint8 image reaches the 299x299 network input:
         the original TF FID resize; = torchmetrics with ``antialias=False`` and older versions).
     ``clean``: clean-fid's "clean" resize: each channel as a float32 PIL image (mode ``F``)
         resized to 299x299 with PIL bicubic, clipped to [0, 255], fed as float (not re-quantised).
-        clean-fid is not installed here, so this is its documented resize re-implemented with PIL,
-        followed by the same torch-fidelity Inception (clean-fid uses NVIDIA's TorchScript export of
-        the same TF graph, so values agree closely, not bit for bit).
+        The few PIL lines are written here (clean-fid is a test dependency only); the tests check
+        them bit for bit against ``cleanfid.resize.build_resizer("clean")``, and the features
+        against clean-fid's folder pipeline feeding the same network. The network is torch-fidelity's
+        Inception after its resize step ((x - 128) / 128, then the layers), as clean-fid's
+        TorchScript export of the same TF graph computes it (same weights; values agree closely,
+        not bit for bit, with clean-fid's own network).
 
 Reference set
     ``reference_dir``: a folder of images (recursive; png/jpg/jpeg/bmp/webp/tif), e.g. CelebA-HQ.
@@ -76,6 +79,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write
 from ..registry import METRICS
 from ..types import ScoreValue
 from ._feature_cache import image_hash
@@ -95,7 +99,7 @@ MODE_TEXT = {
     "torchmetrics": "torchmetrics FID input: uint8, bilinear antialias resize to 299 (torch interpolate)",
     "torch_fidelity": "torch-fidelity input: uint8, TF1-compatible bilinear resize to 299 (no antialias)",
     "clean": "clean-fid resize: per-channel float PIL bicubic to 299, clip [0,255], float input "
-             "(re-implemented with PIL; clean-fid not installed)",
+             "(= cleanfid.resize.build_resizer('clean'))",
 }
 
 # (weights file or 'random:<seed>', antialias, device) -> network; loaded once per process.
@@ -276,11 +280,7 @@ class FeatureStats:
             arrays["outer"] = self.outer
         if self.rows is not None:
             arrays["rows"] = self.rows
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        os.close(fd)
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Path, moments: bool, keep: int) -> "FeatureStats":
@@ -345,6 +345,10 @@ class InceptionSetMetric(SetMetric):
         "max_batch": 32,
     }
     uses_moments: ClassVar[bool] = True
+    # Inception features (torch, torch-fidelity's network), Pillow / torchvision resizing,
+    # torchmetrics' FID and KID formulas.
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchvision", "torchmetrics",
+                                                    "torch-fidelity")
     keeps_rows: ClassVar[bool] = False
 
     def __init__(self, *, protocol: str = "default", name: str | None = None, reference: str = "source",
@@ -509,12 +513,8 @@ class InceptionSetMetric(SetMetric):
                 feats[i] = f
                 if fdir is not None:
                     p = fdir / hashes[i][:2] / f"{hashes[i]}.npy"
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".npy.tmp")
-                    os.close(fd)
-                    with open(tmp, "wb") as fh:
-                        np.save(fh, np.asarray(f))  # float32 for the Inception; as given otherwise
-                    os.replace(tmp, p)
+                    # float32 for the Inception; as given otherwise
+                    atomic_write(p, lambda fh, f=f: np.save(fh, np.asarray(f)))
         return np.stack(feats)  # type: ignore[arg-type]
 
     # -- reference: folder -------------------------------------------------------------------

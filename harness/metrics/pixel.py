@@ -23,6 +23,8 @@ class PixelErrorMetric(ImageMetric):
     """
 
     unit: ClassVar[float] = 1.0
+    # Integer arithmetic in numpy; Pillow resizes an edit of another size.
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow")
 
     def pixel_error(self, diff: np.ndarray) -> np.ndarray:
         """The per-pixel error of an int32 difference of uint8 images, in uint8 units."""
@@ -83,6 +85,7 @@ class PSNR(ImageMetric):
     """
 
     higher_is_better: ClassVar[bool] = True
+    numeric_libraries: ClassVar[tuple[str, ...]] = ("numpy", "pillow", "torch", "torchmetrics")
     param_defaults: ClassVar[dict[str, Any]] = {"data_range": 1.0}
 
     def __init__(self, **kw: Any):
