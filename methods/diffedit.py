@@ -65,7 +65,7 @@ class DiffEdit(DiffusionMethod):
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # ZONE C.1: SD 1.5 for every baseline
         num_inference_steps: int = 50  # diffusers DiffEdit default (mask, inversion and editing)
-        guidance_scale: float = 7.5  # diffusers DiffEdit default (mask and editing; inversion uses 1)
+        guidance_scale: float = 7.5  # diffusers DiffEdit default (mask, editing; invert() keeps its own, also 7.5)
         resolution: int | None = 768  # ZONE, evaluation details: DiffEdit run at 768 x 768, resized back
         mask_encode_strength: float = 0.5  # diffusers generate_mask default
         num_maps_per_mask: int = 10  # diffusers generate_mask default

@@ -1,4 +1,4 @@
-"""Methods registered only by the tests: slow, failing and misbehaving adapters."""
+"""Methods registered only by the tests: slow, failing, misbehaving and pixel-shifting adapters."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,6 +41,21 @@ class Flaky(Method):
         if sample.id in os.environ.get("TEST_FLAKY_IDS", "").split(","):
             raise RuntimeError(f"boom on {sample.id}")
         return MethodOutput(image=sample.source.copy())
+
+
+@METHODS.register("test_shift")
+class Shift(Method):
+    """Adds ``step`` to every channel of every pixel, modulo 256: each edit changes the whole
+    image, and the image a turn was given is read back exactly from its edit (multi-turn chaining:
+    after k self-fed turns the edit is the session's input shifted by k * step)."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        step: int = 17
+
+    def edit(self, sample, seed):
+        img = ((sample.source.astype(np.uint16) + self.params.step) % 256).astype(np.uint8)
+        return MethodOutput(image=img, info={"source_from": sample.meta.get("source_from")})
 
 
 @METHODS.register("test_bad_output")

@@ -86,7 +86,7 @@ def test_zero_mask_gives_the_vae_reconstruction(name):
     assert out.info["latent_mask_fraction"] == 0.0 and out.info["latent_mask_hw"] == list(z.shape[-2:])
     # the blend with the step's own noise level (the official scripts) leaves noise behind
     noisy = _method(name, blend_level="current").edit(sample, seed=0)
-    assert np.abs(noisy.image.astype(int) - out.image.astype(int)).max() > 0
+    assert np.abs(noisy.image.astype(int) - out.image.astype(int)).mean() > 1.0  # (32 levels here)
 
 
 def _img2img(name: str, method, sample: Sample, seed: int):
@@ -132,10 +132,13 @@ def test_full_mask_is_plain_denoising_from_the_noised_source(name):
         ours = method.run(pipe, sample.source, sample.mask, sample.target_caption,
                           torch.Generator("cpu").manual_seed(5))
     assert method._last["denoising_steps"] == 3
+    # our loop vs the pipeline's: the same steps in other code (float32 rounding of the scheduler
+    # arithmetic through 3 UNet calls of a tiny model)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
-    # and the edit through the adapter is the decode of those latents
+    # and the edit through the adapter is the decode of our latents: the same computation again, bit
+    # for bit (decoding ref instead could flip a uint8 rounding where ours and ref differ)
     out = method.edit(sample, seed=5)
-    np.testing.assert_array_equal(out.image, decode_latents(pipe, ref))
+    np.testing.assert_array_equal(out.image, decode_latents(pipe, ours))
 
 
 def test_partial_mask_keeps_the_background_latents():

@@ -18,6 +18,7 @@ from harness.types import Sample
 from methods._diffusion_common import RANDOM_WEIGHTS_TAG
 from methods.diffusers_pipeline import DiffusersPipeline
 
+from ._pipeline_spy import resized_source, spy_diffusion
 from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config, read_edits,
                        run_tiny_job)
 
@@ -59,7 +60,10 @@ def _method(cfg: dict) -> DiffusersPipeline:
 
 
 # -- through the harness ------------------------------------------------------------------------
-def test_img2img_from_config_matches_sdedit_byte_for_byte(builder, tmp_path):
+def test_img2img_from_config_matches_sdedit_byte_for_byte(builder, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    spy = spy_diffusion(monkeypatch, StableDiffusionImg2ImgPipeline)
     _two_samples(builder)
     res = tmp_path / "res"
     run = run_tiny_job(job_config(builder.config(), res, method=IMG2IMG, metrics=PIXEL), "sd15")
@@ -69,24 +73,58 @@ def test_img2img_from_config_matches_sdedit_byte_for_byte(builder, tmp_path):
         assert info["call_args"] == {"strength": 0.8}
         assert info["inputs"] == {"image": "source", "prompt": "target_caption"}
         assert info["texts"] == {"prompt": "a blue thing"}
+    # What the pipeline really received: the mapped fields, the constant and common arguments,
+    # the seeded generator; int(2 * 0.8) = 1 step run (one UNet forward of [uncond, cond]).
+    calls = spy.calls()
+    assert len(calls) == 2  # the cached second run called nothing
+    for sid, call in zip(("a", "b"), calls):
+        kw = call.kwargs
+        assert set(kw) == {"image", "prompt", "strength", "num_inference_steps", "guidance_scale", "generator",
+                           "output_type"}
+        assert (kw["prompt"], kw["strength"], kw["num_inference_steps"], kw["guidance_scale"]) == (
+            "a blue thing", 0.8, 2, 7.5)
+        source = np.asarray(Image.open(builder.root / "images" / f"{sid}.png"))
+        assert np.array_equal(np.asarray(kw["image"]), resized_source(source, (32, 32)))
+        assert call.generator_seed == 0 and [(u.batch, u.latent_hw) for u in call.unet] == [(2, (16, 16))]
 
     sdedit = {"name": "sdedit", "strength": 0.8, "guidance_scale": 7.5, **FAST}
+    spy.clear()
     ref = run_job(job_config(builder.config(), tmp_path / "ref", method=sdedit, metrics=PIXEL))
     assert ref.counts["ok"] == 2
+    # The adapter calls the same pipeline with the same arguments, so the same computation (same
+    # weights, inputs, kernels, threads in this process) gives the same bytes.
+    for mine, theirs in zip(calls, spy.calls()):
+        assert {k: v for k, v in mine.kwargs.items() if k not in ("image", "generator")} == \
+            {k: v for k, v in theirs.kwargs.items() if k not in ("image", "generator")}
     assert _pngs(res, run.outcome) == _pngs(tmp_path / "ref", ref)  # a config reproduces the adapter
 
 
-def test_instruct_pix2pix_from_config_runs(builder, tmp_path):
+def test_instruct_pix2pix_from_config_runs(builder, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    spy = spy_diffusion(monkeypatch, StableDiffusionInstructPix2PixPipeline)
     _two_samples(builder)
     out = run_job(job_config(builder.config(), tmp_path / "res", method=IP2P, metrics=PIXEL))
     assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, read_edits(out).reason.tolist()
     assert (read_edits(out).model_revision == "tiny-random-ip2p").all()
+    mine = spy.calls()
+    assert [c.kwargs["prompt"] for c in mine] == ["make it blue", "turn it green"]
+    assert all(c.kwargs["image_guidance_scale"] == 1.5 and len(c.unet) == 2 for c in mine)  # 2 steps run
+    spy.clear()
     ref = run_job(job_config(builder.config(), tmp_path / "ref", metrics=PIXEL,
                              method={"name": "instruct_pix2pix", **FAST}))
+    # the same pipeline called with the same arguments: the same computation, the same bytes
+    for a, b in zip(mine, spy.calls()):
+        assert {k: v for k, v in a.kwargs.items() if k not in ("image", "generator")} == \
+            {k: v for k, v in b.kwargs.items() if k not in ("image", "generator")}
+        assert np.array_equal(np.asarray(a.kwargs["image"]), np.asarray(b.kwargs["image"]))
     assert _pngs(tmp_path / "res", out) == _pngs(tmp_path / "ref", ref)
 
 
-def test_sample_lacking_a_mapped_field_is_skipped_naming_it(builder, tmp_path):
+def test_sample_lacking_a_mapped_field_is_skipped_naming_it(builder, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    spy = spy_diffusion(monkeypatch, StableDiffusionImg2ImgPipeline)
     builder.add_simple("ok")
     builder.add_simple("nocap", source_caption=None)
     builder.add_simple("blank", source_caption="  ")
@@ -94,6 +132,9 @@ def test_sample_lacking_a_mapped_field_is_skipped_naming_it(builder, tmp_path):
     out = run_job(job_config(builder.config(), tmp_path / "res", method=cfg, metrics=PIXEL))
     assert_skipped(out, {"nocap": "source_caption", "blank": "source_caption"})
     assert _method(cfg).requires == ("source", "target_caption", "source_caption")
+    # the one edited sample: each mapped field reached its call argument
+    (call,) = spy.calls()
+    assert (call.kwargs["prompt"], call.kwargs["negative_prompt"]) == ("a blue thing", "a red thing")
 
 
 def test_missing_weights_skip_naming_the_model(builder, tmp_path, empty_hub):

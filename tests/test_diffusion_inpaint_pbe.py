@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import methods.paint_by_example  # noqa: F401  (registers paint_by_example)
 import methods.sdxl_inpaint  # noqa: F401  (registers sdxl_inpaint)
+from harness.cache import EditStore
 from harness.method import ParamError
 from harness.registry import METHODS
 from harness.runner import run_job
@@ -18,6 +20,7 @@ from harness.types import Sample
 from methods.diffusion.tiny import TINY_KINDS, tiny_components, tiny_kind_for
 from methods.paint_by_example import exemplar
 
+from ._pipeline_spy import resized_mask, resized_source, spy_diffusion
 from .conftest import (PIXEL_L1, TWO_SIZES, add_two_samples, assert_missing_weights, assert_skipped, job_config,
                        read_edits, read_scores, run_tiny_job, textured)
 
@@ -125,42 +128,99 @@ def test_exemplar_crops_to_the_reference_mask_box():
 
 
 # -- the whole harness, tiny backbones ----------------------------------------------------------
+def _pipeline_class(name: str) -> type:
+    from diffusers import PaintByExamplePipeline, StableDiffusionXLInpaintPipeline
+
+    return {"sdxl_inpaint": StableDiffusionXLInpaintPipeline, "paint_by_example": PaintByExamplePipeline}[name]
+
+
+def _inputs(builder, sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sample's source, mask and reference as written by the builder."""
+    def read(rel):
+        return np.asarray(Image.open(builder.root / rel))
+
+    return read(f"images/{sid}.png"), read(f"masks/{sid}.png") > 127, read(f"images/{sid}_ref.png")
+
+
+def pbe_crop_size() -> tuple[int, int]:
+    """(height, width) of the tiny Paint-by-Example image processor's crop."""
+    crop = tiny_components("paint_by_example")["feature_extractor"].crop_size
+    return crop["height"], crop["width"]
+
+
 @pytest.mark.parametrize("name", sorted(KINDS))
-def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path):
+def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypatch):
+    spy = spy_diffusion(monkeypatch, _pipeline_class(name))
     _two_samples(builder)
     cfg = job_config(builder.config(), tmp_path / "res", method=_method(name), metrics=PIXEL_L1)
     run = run_tiny_job(cfg, KINDS[name])
-    for sid, (h, w) in TWO_SIZES.items():
+    calls = spy.calls()
+    assert len(calls) == 2 and len(spy.pipeline) == 2  # the cached second run called nothing
+    for (sid, (h, w)), call in zip(TWO_SIZES.items(), calls):  # the runner edits in manifest order
         rec, info = run.records[sid]
         assert info["paste_back"] is False
         mask = rec.mask()  # the sample's mask, returned with the edit
-        assert mask is not None and mask.shape == (h, w) and mask.any()
+        source, sample_mask, ref = _inputs(builder, sid)
+        assert mask is not None and np.array_equal(mask, sample_mask)
+        # What the pipeline really received: the source and its mask at the working size (PIL
+        # bicubic / nearest, the adapters' own resize calls), the settings, the seeded generator.
+        kw = call.kwargs
+        assert np.array_equal(np.asarray(kw["image"]), resized_source(source, (32, 32)))
+        assert np.array_equal(np.asarray(kw["mask_image"]), resized_mask(sample_mask, (32, 32)))
+        assert kw["num_inference_steps"] == 2 and call.generator_seed == 0 and call.generator_advanced
         if name == "sdxl_inpaint":
             assert info["prompt"] == "a blue thing" and info["guidance_scale"] == 8.0
             assert info["strength"] == 0.99 and info["denoising_steps"] == 1  # int(2 * 0.99)
+            assert kw["prompt"] == "a blue thing" and (kw["guidance_scale"], kw["strength"]) == (8.0, 0.99)
+            assert (kw["height"], kw["width"]) == (32, 32)
+            # int(2 * 0.99) = 1 step really run: one UNet forward of [uncond, cond], 9 channels
+            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (16, 16))]
         else:
             assert info["guidance_scale"] == 5.0 and info["condition"] == "reference"
             assert info["reference_fit"] == "stretch"
+            assert "prompt" not in kw and kw["guidance_scale"] == 5.0
+            # the exemplar: the reference (cropped to its reference_mask's box when there is one)
+            # stretched, bicubic, to the image encoder's input size
+            crop = pbe_crop_size()
             if sid == "a":  # the reference has a reference_mask: cropped to its box
                 t, left, b, r = REF_BOX
                 assert info["reference_crop_box"] == REF_BOX and info["reference_size_hw"] == [b - t, r - left]
+                ref = ref[t:b, left:r]
             else:
                 assert info["reference_crop_box"] is None and info["reference_size_hw"] == [24, 32]
+            assert np.array_equal(np.asarray(kw["example_image"]), resized_source(ref, crop))
+            # both steps run, each one UNet forward of [uncond, cond] on 9 channels
+            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (16, 16))] * 2
+        edit = rec.image().astype(int)
+        # paste_back=false: the whole image went through the VAE, most pixels outside the mask too
+        assert (np.abs(edit - source).max(-1)[~mask] > 2).mean() > 0.5
     scores = run.scores.set_index(["sample_id", "region"]).value
     for sid in TWO_SIZES:
-        assert scores[(sid, "unedited")] > 0  # paste_back=false: the whole image went through the VAE
+        assert scores[(sid, "unedited")] > 0.01
 
 
 @pytest.mark.parametrize("name", sorted(KINDS))
 def test_paste_back_keeps_the_unedited_region_exactly(name, builder, tmp_path):
     _two_samples(builder)
-    out = run_job(job_config(builder.config(), tmp_path / "res", method=_method(name, paste_back=True),
-                             metrics=PIXEL_L1))
-    assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, read_edits(out).reason.tolist()
-    l1 = read_scores(out).set_index(["sample_id", "region"]).value
+    images = {}
+    for paste in (True, False):
+        out = run_job(job_config(builder.config(), tmp_path / f"res-{paste}", method=_method(name, paste_back=paste),
+                                 metrics=PIXEL_L1))
+        assert out.counts == {"ok": 2, "skipped": 0, "failed": 0}, read_edits(out).reason.tolist()
+        store = EditStore(tmp_path / f"res-{paste}" / "test" / "edits")
+        e = read_edits(out)
+        images[paste] = {sid: store.get(k).image().astype(int) for sid, k in zip(e.sample_id, e.edit_key)}
+        if paste:
+            l1 = read_scores(out).set_index(["sample_id", "region"]).value
     for sid in TWO_SIZES:
-        assert l1[(sid, "unedited")] == 0.0  # outside the mask: exactly the source
-        assert l1[(sid, "edited")] > 0.0
+        source, mask, _ = _inputs(builder, sid)
+        pasted, whole = images[True][sid], images[False][sid]
+        # outside the mask: exactly the source; inside: exactly the pipeline's output (the same
+        # computation with the same seed in both runs), which repainted most of the region
+        assert np.array_equal(pasted[~mask], source[~mask])
+        assert np.array_equal(pasted[mask], whole[mask])
+        assert (np.abs(pasted - source).max(-1)[mask] > 2).mean() > 0.5
+        assert l1[(sid, "unedited")] == 0.0 and l1[(sid, "edited")] > 0.01
 
 
 # -- skips --------------------------------------------------------------------------------------

@@ -10,15 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-transformers = pytest.importorskip("transformers")
-
-from methods.diffusion import loading, tiny  # noqa: E402
-from methods.diffusion.loading import (  # noqa: E402
+from methods.diffusion import loading, tiny
+from methods.diffusion.loading import (
     MissingWeights,
     ModelSpec,
     UnsupportedSetting,
@@ -104,9 +103,9 @@ def test_tiny_sd15_pipeline_runs_deterministically():
     a = _run_sd(pipe, seed=0)
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
     b = _run_sd(pipe, seed=0)
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, _run_sd(pipe, seed=1))
-    # a second, separately assembled pipeline has the same weights: same output
+    assert np.array_equal(a, b)  # the same computation twice (inputs, kernels, shapes): bit for bit
+    assert np.abs(a - _run_sd(pipe, seed=1)).mean() > 0.05  # other noise, another image (0.18 here)
+    # a second, separately assembled pipeline has the same weights: the same computation, same output
     other = tiny.tiny_pipeline("sd15", diffusers.StableDiffusionPipeline)
     assert np.array_equal(a, _run_sd(other, seed=0))
     # an explicit size works too (latent size = image size / 2 for the tiny VAE)
@@ -197,6 +196,7 @@ def test_load_pipeline_from_local_folder(tmp_path):
     loaded = load_pipeline(diffusers.StableDiffusionPipeline, spec)
     assert loaded.revision.startswith("local-") and loaded.revision == resolve_revision(spec)
     assert loaded.weights_label != tiny.RANDOM_WEIGHTS_LABEL and not loaded.random_weights
+    # the same float32 weights read back and the same classes: the same computation, bit for bit
     assert np.array_equal(_run_sd(loaded.pipeline), _run_sd(original))
     assert load_pipeline(diffusers.StableDiffusionPipeline, spec) is loaded
 

@@ -5,10 +5,13 @@ Everything runs on ``backbone=tiny``: random-weight tiny pipelines of the real d
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 import methods  # noqa: F401  (registers the methods)
 from harness.cache import EditStore
@@ -20,6 +23,7 @@ from harness.runner import run_job
 from methods._diffusion_common import RANDOM_WEIGHTS_TAG, DiffusionMethod, working_size
 from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
+from ._pipeline_spy import resized_source, spy_diffusion
 from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config, read_edits,
                        run_tiny_job, textured)
 
@@ -28,6 +32,18 @@ METHODS_UNDER_TEST = {
     "instruct_pix2pix": ("ip2p", "instruction"),
     "magicbrush": ("ip2p", "instruction"),
     "sdedit": ("sd15", "target_caption"),
+}
+# method -> (diffusers pipeline class, call arguments beyond prompt / image / steps / generator,
+#            UNet runs per edit, UNet batch, UNet input channels)
+PIPELINE_CALLS = {
+    # IP2P: every step one UNet run on [text+image, image only, neither] (3 rows), 8 channels
+    # (noisy latent + source latent); defaults text 7.5, image 1.5 (diffusers IP2P __call__)
+    "instruct_pix2pix": ("StableDiffusionInstructPix2PixPipeline",
+                         {"guidance_scale": 7.5, "image_guidance_scale": 1.5}, 2, 3, 8),
+    "magicbrush": ("StableDiffusionInstructPix2PixPipeline",
+                   {"guidance_scale": 7.5, "image_guidance_scale": 1.5}, 2, 3, 8),
+    # img2img: int(2 steps * strength 0.8) = 1 step run, classifier-free guidance (2 rows)
+    "sdedit": ("StableDiffusionImg2ImgPipeline", {"guidance_scale": 7.5, "strength": 0.8}, 1, 2, 4),
 }
 FAST = {"backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
 PIXEL = PIXEL_L1
@@ -72,24 +88,54 @@ def test_working_size():
 
 # -- the whole harness, tiny backbones ----------------------------------------------------------
 @pytest.mark.parametrize("name", sorted(METHODS_UNDER_TEST))
-def test_tiny_edit_cached_scored_labelled_and_seeded(name, builder, tmp_path):
+def test_tiny_edit_cached_scored_labelled_and_seeded(name, builder, tmp_path, monkeypatch):
+    import diffusers
+
     kind, prompt_field = METHODS_UNDER_TEST[name]
+    pipeline, args, unet_runs, unet_batch, channels = PIPELINE_CALLS[name]
+    spy = spy_diffusion(monkeypatch, getattr(diffusers, pipeline))
     _two_samples(builder)
     method = {"name": name, **FAST}
     run = run_tiny_job(job_config(builder.config(), tmp_path / "res", method=method, metrics=PIXEL), kind)
     assert (run.edits.infer_seconds > 0).all()
     for _, info in run.records.values():
         assert info["prompt_field"] == prompt_field
+    whole = run.scores.query("region == 'all'").value
+    assert len(whole) == 2 and (whole > 0.02).all()  # random weights repaint the image (mean L1 ~0.29)
 
-    # Same seed in a fresh cache: byte-identical edit files. Another seed: different edits.
+    # What the pipeline really received, sample by sample (the cached second run called nothing).
+    calls = spy.calls()
+    assert len(calls) == 2 and len(spy.pipeline) == 2
+    prompts = {"a": "make it blue", "b": "turn it green"} if prompt_field == "instruction" else \
+        {"a": "a blue thing", "b": "a blue thing"}
+    for sid, call in zip(("a", "b"), calls):  # the runner edits in manifest order
+        kw = call.kwargs
+        assert kw["prompt"] == prompts[sid] and kw["num_inference_steps"] == 2 and kw["output_type"] == "np"
+        assert {k: kw[k] for k in args} == args
+        source = np.asarray(Image.open(builder.root / "images" / f"{sid}.png"))
+        assert np.array_equal(np.asarray(kw["image"]), resized_source(source, (32, 32)))  # PIL bicubic, same call
+        assert call.generator_seed == 0 and call.generator_advanced  # seeded from the job and drawn from
+        # the number of steps really run: one UNet forward each, on the 16 x 16 latent of 32 x 32
+        runs = [(u.batch, u.in_channels, u.latent_hw) for u in call.unet]
+        assert runs == [(unet_batch, channels, (16, 16))] * unet_runs
+    assert len(spy.unet) == 2 * unet_runs
+
+    # Same seed in a fresh cache: byte-identical edit files (the same computation: same inputs,
+    # weights, kernels and thread count in this process). Another seed: different edits.
     keys = list(run.edits.edit_key)
     other = run_job(job_config(builder.config(), tmp_path / "res2", method=method, metrics=PIXEL))
     assert other.computed == 2
     assert _edit_files(tmp_path / "res", keys) == _edit_files(tmp_path / "res2", keys)
+    spy.clear()
     reseeded = run_job(job_config(builder.config(), tmp_path / "res3", method=method, metrics=PIXEL, seed=1))
+    assert [c.generator_seed for c in spy.calls()] == [1, 1]
     new_keys = list(read_edits(reseeded).edit_key)
     assert set(new_keys).isdisjoint(keys)
-    assert _edit_files(tmp_path / "res3", new_keys) != _edit_files(tmp_path / "res", keys)
+    before, after = _edit_files(tmp_path / "res", keys), _edit_files(tmp_path / "res3", new_keys)
+    for old_key, new_key in zip(keys, new_keys):  # every edit differs over most of the image
+        a = np.asarray(Image.open(io.BytesIO(before[old_key])), dtype=int)
+        b = np.asarray(Image.open(io.BytesIO(after[new_key])), dtype=int)
+        assert (np.abs(a - b).max(-1) > 2).mean() > 0.5 and np.abs(a - b).mean() > 5  # random weights: ~40 levels
 
 
 # Every diffusion adapter whose default is a real hub model (the generic adapter has none).
@@ -161,7 +207,9 @@ def test_cli_run_with_tiny_backbone(tmp_path):
     assert (edits.model_revision == "tiny-random-ip2p").all()
     assert all(RANDOM_WEIGHTS_TAG in m for m in edits.method)
     scores = pd.read_parquet(tables[0].parent / "scores.parquet")
-    assert {"l1", "l2"} <= set(scores.metric)
+    # 2 edits x l1, l2 x all, edited, unedited (the sample set's masks leave both regions non-empty)
+    assert set(scores.metric) == {"l1", "l2"} and len(scores) == 2 * 2 * 3 and scores.value.notna().all()
+    assert (scores.query("metric == 'l1' and region == 'all'").value > 0.02).all()  # random weights
 
 
 def test_cli_multirun_over_diffusion_methods_with_forced_overrides(tmp_path):

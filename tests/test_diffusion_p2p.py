@@ -12,33 +12,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
-import methods.prompt_to_prompt as p2p  # noqa: E402  (registers prompt_to_prompt)
-from harness.method import ParamError  # noqa: E402
-from harness.registry import METHODS  # noqa: E402
-from harness.runner import run_job  # noqa: E402
-from methods.diffusion import inversion as inv  # noqa: E402
-from methods.diffusion.attention import (  # noqa: E402
+import methods.prompt_to_prompt as p2p  # (registers prompt_to_prompt)
+from harness.method import ParamError
+from harness.registry import METHODS
+from harness.runner import run_job
+from methods.diffusion import inversion as inv
+from methods.diffusion.attention import (
+    AttentionController,
     AttentionStore,
     BatchLayout,
+    ControllerList,
     LocalBlend,
     RefineCrossAttentionController,
     attention_control,
 )
 
-from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config,  # noqa: E402
-                       run_tiny_job, textured)
+from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert_skipped, job_config, run_tiny_job,
+                       textured)
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
 CLS = METHODS.get("prompt_to_prompt")
-TOL = 5e-4  # batched (one UNet call for every branch and CFG half) vs one-prompt sampling
+# Batched (one UNet call for every branch and CFG half) vs one-prompt sampling, and two rows of one
+# batched call: the same inputs, but the GEMM / convolution kernels may block the rows of a batch
+# differently (bit-equal rows with AVX2 kernels, 3.5e-5 apart with AVX-512 ones). float32 rounding
+# (~1e-7 relative) through 3 tiny-UNet calls, amplified ~16x by CFG 7.5 (eps_u + 7.5 (eps_c - eps_u)),
+# on latents of magnitude ~5: ~1e-4 at most; a branch that is edited, or the wrong row, is >= 1e-2 away.
+TOL = 5e-4
+# Attention maps the controller rewrites: a copy is exact; the word-swap mapper's two-token average
+# ((p_2 + p_3) / 4, through an einsum) may round differently from the test's sum by 1 ulp of a
+# probability <= 1 (1.2e-7). Maps that were not replaced are >= 2e-2 from the mapped source (measured:
+# 2e-2 .. 8e-2 on this tiny UNet); MAP_GAP asserts that margin so the equality check can fail.
+MAP_TOL = 1e-6
+MAP_GAP = 5e-3
 
 
 def _method(**kw):
@@ -60,16 +71,60 @@ def setup():
 def _sample_edit(method, pipe, sched, z0, source, target, z_T=None, uncond_steps=None):
     """ddim_sample_batch of [source, target] under the method's controller; returns the latents
     and the LocalBlend (or None)."""
+    lat, blend, _, _ = _edit_run(method, pipe, sched, z0, source, target, z_T, uncond_steps)
+    return lat, blend
+
+
+class _Recorder(AttentionController):
+    """Records every attention layer's probabilities, as ``(rows, heads, N_q, N_k)`` clones, where it
+    sits in a ControllerList: before the P2P controller (what the UNet computed) or after it (what
+    the layer then uses). Rows of BatchLayout.cfg(2): 0 uncond source, 1 uncond edit, 2 cond
+    source, 3 cond edit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def needs_probs(self, ctx) -> bool:
+        return True
+
+    def on_probs(self, ctx):
+        p = ctx.probs.detach()
+        self.calls.append((ctx.step, ctx.name, ctx.kind, p.reshape(ctx.batch_size, ctx.heads, *p.shape[1:]).clone()))
+        return None
+
+
+def _edit_run(method, pipe, sched, z0, source, target, z_T=None, uncond_steps=None, record=False, edit_off=False):
+    """(latents, LocalBlend or None, controller info, recorded calls): with ``record``, every
+    attention call as ``(step, name, kind, probs before the controller, probs after it)``;
+    ``edit_off`` replaces the method's controller by a no-op one (the maps the UNet makes alone)."""
     n = method.params.num_inference_steps
     conds = inv.encode_prompt(pipe, [source, target])
     uncond = inv.encode_prompt(pipe, "")
     if z_T is None:
         z_T = inv.ddim_invert(pipe.unet, sched, z0, conds[:1], n)[-1]
-    ctrl, blend, _ = method.build_controller(pipe.tokenizer, source, target, tuple(z0.shape[-2:]), BatchLayout.cfg(2))
+    layout = BatchLayout.cfg(2)
+    ctrl, blend, info = method.build_controller(pipe.tokenizer, source, target, tuple(z0.shape[-2:]), layout)
+    if edit_off:
+        ctrl = AttentionController(layout=layout)
+    before, after = _Recorder(), _Recorder()
+    if record:
+        ctrl = ControllerList([before, ctrl, after], layout=layout)
     with attention_control(pipe.unet, ctrl):
         lat = inv.ddim_sample_batch(pipe.unet, sched, z_T, conds, n, guidance_scale=7.5, uncond=uncond,
                                     uncond_per_step=uncond_steps, callback=blend)
-    return lat, blend
+    calls = [(st, name, kind, b, a) for (st, name, kind, b), (*_, a) in zip(before.calls, after.calls)]
+    if record:  # one call a layer and step, seen by both recorders
+        assert len(calls) == len(before.calls) == len(after.calls) == n * len(pipe.unet.attn_processors)
+    return lat, blend, info, calls
+
+
+def _untouched_rows(calls):
+    """The controller edits only the conditional edit row (P2P edits attn[h // 2:]): the other rows
+    leave it as they came (a copy)."""
+    for step, name, _, b, a in calls:
+        for row in (0, 1, 2):
+            assert torch.equal(a[row], b[row]), (step, name, row)
 
 
 # -- parameters ----------------------------------------------------------------------------------
@@ -167,9 +222,18 @@ def test_identical_prompts_target_equals_source_and_plain_ddim(setup, kind):
     pipe, sched, z0 = setup
     m = _method(num_inference_steps=3, edit_kind=kind, local_blend=True)
     prompt = "a red cat sitting"
-    lat, blend = _sample_edit(m, pipe, sched, z0, prompt, prompt)
-    assert torch.equal(lat[0], lat[1])
+    lat, blend, info, calls = _edit_run(m, pipe, sched, z0, prompt, prompt, record=True)
+    assert info["controller"] == kind and info["cross_replace_window"] == [0, 3]  # int(0.8 * (3 + 1))
+    torch.testing.assert_close(lat[0], lat[1], atol=TOL, rtol=0)
     assert blend.last_mask is not None  # blending ran
+    # during the run, the edit's cross-attention is the source's through the identity mapping (a copy;
+    # this alone also holds without the controller where the two rows round alike: the different-prompt
+    # tests below check the replacement itself)
+    cross = [c for c in calls if c[2] == "cross"]
+    assert len(cross) == 3 * 7  # 3 steps x the tiny UNet's 7 cross-attention layers
+    for step, name, _, b, a in cross:
+        assert torch.equal(a[3], b[2]), (step, name)
+    _untouched_rows(calls)
     cond = inv.encode_prompt(pipe, prompt)
     z_T = inv.ddim_invert(pipe.unet, sched, z0, cond, 3)[-1]
     plain = inv.ddim_sample(pipe.unet, sched, z_T, cond, 3, guidance_scale=7.5, uncond=inv.encode_prompt(pipe, ""))
@@ -183,7 +247,7 @@ def test_identical_prompts_with_null_text(setup):
     cond, uncond = inv.encode_prompt(pipe, prompt), inv.encode_prompt(pipe, "")
     z_T, steps, _ = inv.null_text_invert(pipe.unet, sched, z0, cond, uncond, 3, inner_steps=2)
     lat, _ = _sample_edit(_method(num_inference_steps=3), pipe, sched, z0, prompt, prompt, z_T=z_T, uncond_steps=steps)
-    assert torch.equal(lat[0], lat[1])
+    torch.testing.assert_close(lat[0], lat[1], atol=TOL, rtol=0)  # two rows of one batched call
     plain = inv.ddim_sample(pipe.unet, sched, z_T, cond, 3, guidance_scale=7.5, uncond_per_step=steps)
     torch.testing.assert_close(lat[1:], plain, atol=TOL, rtol=0)
 
@@ -197,9 +261,12 @@ def test_reweight_with_unit_scales_equals_no_reweight(setup):
                            pipe, sched, z0, src, tgt)
     twice, _ = _sample_edit(_method(num_inference_steps=3, edit_kind="reweight", reweight_words=["blue"],
                                     reweight_values=[2.0]), pipe, sched, z0, src, tgt)
+    # bit for bit: the same inputs, shapes and kernels, and scaling by 1.0 is exact in float
     assert torch.equal(plain, ones)
-    assert torch.equal(plain[0], twice[0])  # the source branch is never edited
-    assert not torch.allclose(plain[1], twice[1])
+    # the source branch is never edited: its row gets the same inputs and kernels in both runs
+    # (a row of a batched call does not depend on the other rows' values)
+    assert torch.equal(plain[0], twice[0])
+    assert float((plain[1] - twice[1]).abs().max()) > 1e-2  # reweighting changed the edit
 
 
 def test_edit_changes_only_the_target_branch(setup):
@@ -207,12 +274,101 @@ def test_edit_changes_only_the_target_branch(setup):
     m = _method(num_inference_steps=3)
     lat, _ = _sample_edit(m, pipe, sched, z0, "a red cat", "a blue cat")
     src_only, _ = _sample_edit(m, pipe, sched, z0, "a red cat", "a red cat")
-    assert torch.equal(lat[0], src_only[0]) and not torch.allclose(lat[1], lat[0])
+    # same inputs, shapes and kernels for the source row in both runs: bit for bit
+    assert torch.equal(lat[0], src_only[0])
+    assert float((lat[1] - lat[0]).abs().max()) > 1e-2
+
+
+# -- invariant 2: the edit branch's maps are the source's through the mapper during the run ------
+def _replace_mapped(s: "torch.Tensor") -> "torch.Tensor":
+    """Source maps ``(..., 77)`` of "a red cat" in the token layout of "a blue cat", written here from
+    P2P's ``seq_aligner.get_replacement_mapper_`` (tiny tokenizer: 'red' 2 tokens, 'blue' 4): bos and
+    'a' in place; each of the 4 'blue' tokens gets (red_1 + red_2) / 4 (weights 1 / n_target); 'cat'
+    (2 tokens) moves from positions 4-5 to 6-7; the end token and padding shift by 2 (the last two
+    source positions fall off)."""
+    red = ((s[..., 2] + s[..., 3]) / 4)[..., None]
+    return torch.cat([s[..., :2], red.expand(*red.shape[:-1], 4), s[..., 4:6], s[..., 6:75]], dim=-1)
+
+
+def test_replace_maps_follow_the_mapper_in_the_window(setup):
+    """Word swap "a red cat" -> "a blue cat" with the cross window [0, 2) and the self window [0, 1)
+    of 3 steps: inside them the edit row's conditional maps are the source's through the word-swap
+    mapper (cross) or the source's (self, layers of <= (latent / 2)^2 tokens); outside, its own."""
+    pipe, sched, z0 = setup
+    enc = p2p._token_encoder(pipe.tokenizer)
+    assert [len(enc(w)) for w in ("a", "red", "blue", "cat")] == [1, 2, 4, 2]  # _replace_mapped's layout
+    m = _method(num_inference_steps=3, cross_replace_steps=0.5, self_replace_steps=0.5)
+    lat, _, info, calls = _edit_run(m, pipe, sched, z0, "a red cat", "a blue cat", record=True)
+    # P2P's windows: int(0.5 * (3 + 1)) cross steps, int(0.5 * 3) self steps
+    windows = (info["cross_replace_window"], info["self_replace_window"])
+    assert info["controller"] == "replace" and windows == ([0, 2], [0, 1])
+    cross = [c for c in calls if c[2] == "cross"]
+    assert len(cross) == 3 * 7
+    for step, name, _, b, a in cross:
+        expected = _replace_mapped(b[2])
+        if step < 2:
+            torch.testing.assert_close(a[3], expected, atol=MAP_TOL, rtol=0, msg=f"{step} {name}")
+            # the edit's own maps are far from it: the equality above tests the replacement
+            assert float((b[3] - expected).abs().max()) > MAP_GAP, (step, name)
+        else:
+            assert torch.equal(a[3], b[3]), (step, name)
+    selfs = [c for c in calls if c[2] == "self"]
+    # replaced: step 0, layers of <= 8 x 8 tokens (16 x 16 latent): down 8x8, mid 4x4, 2 x up 8x8
+    replaced = {(st, name) for st, name, _, b, _ in selfs if st == 0 and b.shape[2] <= 8 * 8}
+    assert len(selfs) == 3 * 7 and len(replaced) == 4
+    for step, name, _, b, a in selfs:
+        if (step, name) in replaced:
+            assert torch.equal(a[3], b[2]), (step, name)  # a copy
+            # at step 0 the branches differ only through cross-attention: own maps 1.5e-3 .. 7.5e-3
+            # from the source's (measured), far above rounding (~1e-7)
+            assert float((b[3] - b[2]).abs().max()) > 1e-4, (step, name)
+        else:
+            assert torch.equal(a[3], b[3]), (step, name)
+    _untouched_rows(calls)
+    # with the controller off, the edit's maps never follow the mapper, and the edit differs
+    off, _, _, off_calls = _edit_run(m, pipe, sched, z0, "a red cat", "a blue cat", record=True, edit_off=True)
+    for step, name, kind, _, a in off_calls:
+        if kind == "cross":
+            assert float((a[3] - _replace_mapped(a[2])).abs().max()) > MAP_GAP, (step, name)
+    assert float((off[1] - lat[1]).abs().max()) > 1e-2
+    torch.testing.assert_close(off[0], lat[0], atol=TOL, rtol=0)  # the source branch is not edited
+
+
+def test_refine_maps_follow_the_alignment_in_the_window(setup):
+    """Refinement "a red cat" -> "a big red cat" (cross window [0, 2) of 3 steps): inside the window the
+    edit row's aligned tokens take the source token's maps and the 3 new 'big' tokens keep their own."""
+    pipe, sched, z0 = setup
+    enc = p2p._token_encoder(pipe.tokenizer)
+    assert [len(enc(w)) for w in ("a", "red", "big", "cat")] == [1, 2, 3, 2]
+    assert not set(enc("big")) & set(enc("a red cat"))  # no 'big' token can align with the source
+    # target [bos a b b b r r c c eos pad..] -> source [bos a r r c c eos pad..]: positions 0-1 in
+    # place, 5.. from 3 earlier (red, cat, end token and padding), 2-4 new
+    src_of = {0: 0, 1: 1, **{j: j - 3 for j in range(5, 77)}}
+    new = [2, 3, 4]
+    m = _method(num_inference_steps=3, cross_replace_steps=0.5, self_replace_steps=0.0)
+    _, _, info, calls = _edit_run(m, pipe, sched, z0, "a red cat", "a big red cat", record=True)
+    assert (info["controller"], info["refine_new_tokens"], info["cross_replace_window"]) == ("refine", 3, [0, 2])
+    tgt, src = list(src_of), list(src_of.values())
+    cross = [c for c in calls if c[2] == "cross"]
+    assert len(cross) == 3 * 7
+    for step, name, _, b, a in cross:
+        if step < 2:
+            # source * 1 + edit * 0 and source * 0 + edit * 1 are exact in float: a copy
+            assert torch.equal(a[3][..., tgt], b[2][..., src]), (step, name)
+            assert torch.equal(a[3][..., new], b[3][..., new]), (step, name)
+            assert float((b[3][..., tgt] - b[2][..., src]).abs().max()) > MAP_GAP, (step, name)
+        else:
+            assert torch.equal(a[3], b[3]), (step, name)
+    for step, name, kind, b, a in calls:
+        if kind == "self":  # self window empty: no self-attention replaced
+            assert torch.equal(a[3], b[3]), (step, name)
+    _untouched_rows(calls)
 
 
 # -- invariant 3: LocalBlend ----------------------------------------------------------------------
 def test_local_blend_forced_masks():
     lat = torch.randn(2, 4, 8, 8)
+    # bit for bit: with a 0/1 mask the blend is x * 1 + y * 0, exact in float
     zero = LocalBlend.apply(lat, torch.zeros(2, 1, 8, 8))
     assert torch.equal(zero[1], lat[0]) and torch.equal(zero[0], lat[0])
     one = LocalBlend.apply(lat, torch.ones(2, 1, 8, 8))
@@ -313,13 +469,14 @@ def test_sdxl_identical_prompts_reproduce_source_and_param_check():
     # the wrapper is the SDXL UNet call with added_cond_kwargs, bit for bit
     direct = pipe.unet(z0, 1, encoder_hidden_states=emb[:1],
                        added_cond_kwargs={"text_embeds": pooled[:1], "time_ids": time_ids}).sample
+    # (the same inputs, shapes and kernels as the direct call)
     assert torch.equal(unet(z0, 1, encoder_hidden_states=conds[:1]).sample, direct)
     z_T, steps, _ = inv.null_text_invert(unet, sched, z0, conds[:1], uncond, 2, inner_steps=2)
     ctrl, blend, _ = m.build_controller(pipe.tokenizer, "a red cat", "a red cat", tuple(z0.shape[-2:]),
                                         BatchLayout.cfg(2))
     with attention_control(pipe.unet, ctrl):
         lat = inv.ddim_sample_batch(unet, sched, z_T, conds, 2, guidance_scale=7.5, uncond_per_step=steps)
-    assert torch.equal(lat[0], lat[1])
+    torch.testing.assert_close(lat[0], lat[1], atol=TOL, rtol=0)  # two rows of one batched call
     plain = inv.ddim_sample(unet, sched, z_T, conds[:1], 2, guidance_scale=7.5, uncond_per_step=steps)
     torch.testing.assert_close(lat[1:], plain, atol=TOL, rtol=0)
     with pytest.raises(ParamError, match="architecture"):

@@ -140,22 +140,24 @@ def test_regularisation_direction_and_guidance_change_the_edit():
     same = Sample(id="s", dataset="d", source=src, source_caption="a red thing", target_caption="a red thing")
     other = Sample(id="s", dataset="d", source=src, source_caption="a red thing", target_caption="a blue thing")
     base = _method(cross_attention_guidance_amount=0.0).edit(same, seed=7).image.astype(int)
-    # the same call again: deterministic
+    # the same call again, the same computation: bit for bit
     assert (_method(cross_attention_guidance_amount=0.0).edit(same, seed=7).image == base).all()
-    # the edit direction (target caption) changes the result
-    assert np.abs(_method(cross_attention_guidance_amount=0.0).edit(other, seed=7).image - base).max() > 0
-    # the inversion's regularisers change the result
-    assert np.abs(_method(cross_attention_guidance_amount=0.0, lambda_kl=0.0, lambda_auto_corr=0.0)
-                  .edit(same, seed=7).image - base).max() > 0
-    # cross-attention guidance changes the result once there is an edit direction to steer
+    # the edit direction (target caption) changes the result (mean 5.8 uint8 levels here)
     edited = _method(cross_attention_guidance_amount=0.0).edit(other, seed=7).image.astype(int)
-    guided = _method(cross_attention_guidance_amount=0.5).edit(other, seed=7).image.astype(int)
-    assert np.abs(guided - edited).max() > 0
+    assert np.abs(edited - base).mean() > 1.0
+    # the inversion's regularisers change the result (mean 22 levels here)
+    assert np.abs(_method(cross_attention_guidance_amount=0.0, lambda_kl=0.0, lambda_auto_corr=0.0)
+                  .edit(same, seed=7).image.astype(int) - base).mean() > 1.0
+    # cross-attention guidance changes the result once there is an edit direction to steer; on the
+    # tiny random model the default-sized amounts move only a few pixels by 1 level (mean 0.04 at
+    # 0.5), so a large amount is used (mean 1.4 levels at 20)
+    guided = _method(cross_attention_guidance_amount=20.0).edit(other, seed=7).image.astype(int)
+    assert np.abs(guided - edited).mean() > 0.5
     # fixed sentence lists: identical lists give a zero direction, as identical captions do
     fixed = _method(cross_attention_guidance_amount=0.0, source_sentences=["a cat", "two cats"],
                     target_sentences=["a cat", "two cats"]).edit(other, seed=7)
     assert fixed.info["edit_direction_norm"] == 0.0 and fixed.info["edit_direction_from"] == "sentences"
-    assert (fixed.image == base).all()
+    assert (fixed.image == base).all()  # both directions exactly 0: the same computation as base
 
 
 # -- skips --------------------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """The classical methods on the embedded real photographs, scored with the default protocol."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -34,13 +32,20 @@ def identity_scores(tmp_path_factory):
 
 def test_identity_is_perfect_on_every_image_metric(identity_scores):
     s = identity_scores
-    for metric in ("l1", "l2", "lpips_alex", "lpips_vgg"):
+    for metric in ("l1", "l2"):  # differences of equal uint8 images: exactly 0
         vals = s[s.metric == metric]
         assert len(vals) == 4 * 3 and (vals.value == 0).all(), metric
+    for metric in ("lpips_alex", "lpips_vgg"):
+        vals = s[s.metric == metric]
+        # Equal images through the same network: 0, up to float32 accumulation order where the
+        # reference's features come from another batch (the in-process feature cache, a GPU
+        # batch): relative feature error ~1e-6, squared in LPIPS, i.e. ~1e-12; 1e-9 bounds it.
+        assert len(vals) == 4 * 3 and vals.value.notna().all() and (vals.value.abs() <= 1e-9).all(), metric
     psnr = s[s.metric == "psnr"]
-    assert np.isposinf(psnr.value).all() and (psnr.flag == "identical").all()
+    assert len(psnr) == 4 * 3 and np.isposinf(psnr.value).all() and (psnr.flag == "identical").all()
     # SSIM runs in float32 (10x faster than float64): identical images give 1 to ~1e-6.
-    assert np.allclose(s[s.metric == "ssim"].value, 1.0, atol=1e-5)
+    ssim = s[s.metric == "ssim"].value
+    assert len(ssim) == 4 * 3 and np.allclose(ssim, 1.0, atol=1e-5)
     assert s.weights[s.metric == "lpips_vgg"].iloc[0].startswith("LPIPS v0.1 vgg")
 
 
@@ -49,6 +54,7 @@ def test_identity_landmark_mse_equals_the_no_edit_distance(identity_scores):
     lm = s[s.metric == "landmark_mse"].set_index(["sample_id", "region"]).value
     ref = s[s.metric == "landmark_mse_noedit"].set_index(["sample_id", "region"]).value
     assert set(lm.index.get_level_values(0)) == {"astronaut_smile", "grace_hopper_shift_right"}
+    assert len(lm) == 2 * 2 and lm.notna().all()  # two faces x the 68- and 17-point settings
     pd.testing.assert_series_equal(lm, ref)
     assert ref[("grace_hopper_shift_right", "68pt")] == pytest.approx(144.0)  # a 12 px shift
     assert ref[("astronaut_smile", "17pt")] == 0  # the smile leaves the jaw alone

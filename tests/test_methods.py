@@ -102,8 +102,7 @@ def test_every_method_has_a_yaml():
 def test_yaml_matches_params(path):
     cfg = yaml.safe_load(path.read_text()) or {}
     assert cfg.get("name") == path.stem, path
-    if path.stem not in METHODS:
-        pytest.skip(f"conf/method/{path.name}: no method '{path.stem}' is registered by methods/")
+    assert path.stem in METHODS, f"conf/method/{path.name}: no method '{path.stem}' is registered by methods/"
     cls = METHODS.get(path.stem)
     fields = {f.name: f.default for f in dataclasses.fields(cls.Params)}
     values = {k: v for k, v in cfg.items() if k != "name"}
@@ -236,6 +235,77 @@ def test_recolor_strength_zero_is_exact(space):
     s = make_sample(category="change_color", target_caption="a blue ball")
     out = run("recolor", s, space=space, strength=0.0)
     assert np.array_equal(out.image, s.source)
+    # Through the blend itself (strength > 0 skips the shortcut): a change of 1e-9 * 255 levels
+    # rounds away, and the conversion's round-trip error cancels (the change is applied relative
+    # to the round-tripped source), so the source comes back exactly.
+    assert np.array_equal(run("recolor", s, space=space, strength=1e-9).image, s.source)
+
+
+def _expected_recolour(pixel, word: str, space: str, strength: float) -> np.ndarray:
+    """The recolour of one RGB uint8 pixel before rounding, restated from methods/recolor.py's
+    docstring: Lab moves a*, b* by ``strength`` and L* by ``strength / 2`` of the way to the
+    target's; hue moves H (the short way round) and S by ``strength``, or, for an achromatic
+    target, V by ``strength / 2`` and S by ``strength``. The change is added to the source pixel.
+    Lab via scikit-image on the single pixel; HSV via the standard library's colorsys."""
+    import colorsys
+
+    from methods.recolor import COLOURS
+
+    p = np.asarray(pixel, np.float64) / 255
+    t = np.asarray(COLOURS[word], np.float64) / 255
+    if space == "lab":
+        lab = skcolor.rgb2lab(p.reshape(1, 1, 3))[0, 0]
+        tl = skcolor.rgb2lab(t.reshape(1, 1, 3))[0, 0]
+        new = lab + strength * np.array([0.5, 1.0, 1.0]) * (tl - lab)
+        moved = skcolor.lab2rgb(new.reshape(1, 1, 3))[0, 0] - skcolor.lab2rgb(lab.reshape(1, 1, 3))[0, 0]
+    else:
+        h, sat, v = colorsys.rgb_to_hsv(*p)
+        th, ts, tv = colorsys.rgb_to_hsv(*t)
+        if word in ("white", "black", "grey", "gray", "silver"):
+            v2, h2 = v + 0.5 * strength * (tv - v), h
+        else:
+            dh = (th - h + 0.5) % 1.0 - 0.5
+            v2, h2 = v, (h + strength * dh) % 1.0
+        moved = np.subtract(colorsys.hsv_to_rgb(h2, sat + strength * (ts - sat), v2), colorsys.hsv_to_rgb(h, sat, v))
+    return np.asarray(pixel, np.float64) + 255 * moved
+
+
+@pytest.mark.parametrize("space", ["lab", "hue"])
+@pytest.mark.parametrize("word", ["blue", "white"])
+@pytest.mark.parametrize("strength", [0.02, 0.5])
+def test_recolor_equals_its_formula_on_pixels(space, word, strength):
+    s = make_sample(category="change_color", target_caption=f"a {word} ball")
+    out = run("recolor", s, space=space, strength=strength).image
+    ys, xs = np.nonzero(s.mask)
+    checked = 0
+    for y, x in zip(ys[::7], xs[::7]):  # every 7th masked pixel: disc and background ring
+        want = _expected_recolour(s.source[y, x], word, space, strength)
+        # Only pixels whose exact value is clear of a rounding boundary and of the clip: there
+        # the float error of another evaluation order (~1e-12 levels) cannot change the result.
+        if np.abs(want % 1.0 - 0.5).min() < 0.01 or want.min() < 0 or want.max() > 255:
+            continue
+        assert np.array_equal(out[y, x], np.rint(want).astype(np.uint8)), (y, x, out[y, x], want)
+        checked += 1
+    assert checked >= 0.9 * len(ys[::7]) and checked > 50, checked
+
+
+@pytest.mark.parametrize("space", ["lab", "hue"])
+@pytest.mark.parametrize("word", ["blue", "white", "yellow"])
+def test_recolor_small_strength_is_a_proportionally_small_change(space, word):
+    """A tiny strength runs the real blend (not the strength-0 shortcut) and changes the region
+    in proportion: the change at 2s is twice the change at s, and bounded by s."""
+    s = make_sample(category="change_color", target_caption=f"a {word} ball")
+    delta = {st: run("recolor", s, space=space, strength=st).image.astype(int) - s.source for st in (0.01, 0.02)}
+    for st, d in delta.items():
+        assert not d[~s.mask].any()
+        assert (d[s.mask] != 0).any(-1).mean() > 0.95  # nearly every masked pixel moved
+        # |d rgb / d strength| <= 4 (in [0, 1] units) here. Hue: H moves by at most s / 2 of a
+        # turn, which moves RGB by at most 6 x that x chroma <= 3 s, and S moves it by at most s;
+        # Lab: measured < 1 on these colours. Plus half a level for rounding.
+        assert np.abs(d).max() <= 4 * 255 * st + 0.5, (st, np.abs(d).max())
+    # Linear in strength at small strength: rounding each result to a level allows 1.5, the
+    # curvature of the conversion (HSV's sectors) half a level more at s = 0.02.
+    assert np.abs(delta[0.02] - 2 * delta[0.01])[s.mask].max() <= 2
 
 
 def test_recolor_white_and_black():
@@ -398,10 +468,14 @@ def test_odd_sizes_and_determinism(name, h, w):
     s = full_sample(h, w, CATEGORY_FOR[name])
     out = run(name, s)
     again = run(name, s)
-    assert np.array_equal(out.image, again.image)
-    if out.mask is not None:
+    assert np.array_equal(out.image, again.image)  # the same computation on the same input
+    if name == "identity":
+        assert out.mask is None and np.array_equal(out.image, s.source)
+    else:
         assert outside_changed(out, s.source) == 0
-    if name != "identity":
-        assert not np.array_equal(out.image, s.source)
+        # a real change over the region the method reports, not a stray pixel: most of its
+        # pixels changed (Poisson paste on the smallest size changes ~79%, by ~1 level on average)
+        diff = np.abs(out.image.astype(int) - s.source)[out.mask]
+        assert out.mask.sum() >= 50 and (diff > 0).any(-1).mean() > 0.6 and diff.mean() > 0.5
     import json
     json.dumps(out.info)  # info is JSON-able
