@@ -391,14 +391,44 @@ def _edit_flag_counts(flags: pd.Series) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
 
 
+MAX_NOTE_SAMPLES = 5  # sample ids named per conversion note in a summary (then "+k more")
+NOTES_SEP = "; "  # how the runner joins an edit's notes (harness.runner.NOTES_SEP; reports do not import the engine)
+
+
+def _note_counts(g: pd.DataFrame) -> tuple[int, str]:
+    """(edits with a note, ``"note (x2: s00, s03); other (x1: s01)"``) from the ``notes`` column
+    (input conversion notes, ``"; "``-joined per edit); (0, "") when the column is absent (runs
+    written before it existed) or empty."""
+    if "notes" not in g.columns:
+        return 0, ""
+    per_note: dict[str, list[str]] = {}
+    noted = 0
+    ids = g["sample_id"].astype(str) if "sample_id" in g.columns else pd.Series([""] * len(g), index=g.index)
+    for sid, v in zip(ids, g["notes"]):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        parts = [p.strip() for p in str(v).split(NOTES_SEP) if p.strip()]
+        noted += bool(parts)
+        for p in dict.fromkeys(parts):
+            per_note.setdefault(p, []).append(sid)
+    out = []
+    for note, sids in sorted(per_note.items()):
+        us = sorted(set(sids))
+        more = len(us) - MAX_NOTE_SAMPLES
+        shown = ", ".join(us[:MAX_NOTE_SAMPLES]) + (f", +{more} more" if more > 0 else "")
+        out.append(f"{note} (x{len(sids)}: {shown})")
+    return noted, "; ".join(out)
+
+
 def edit_summary(edits: pd.DataFrame, by: Sequence[str] = ("method", "params")) -> pd.DataFrame:
     """Per group: n, ok, skipped, failed; mean prep/infer seconds over ok edits; max peak memory.
 
-    Also ``reasons`` (skipped/failed reasons with counts, compact) and ``flags`` (edit flags
-    with counts).
+    Also ``reasons`` (skipped/failed reasons with counts, compact), ``flags`` (edit flags
+    with counts), ``n_noted`` (edits with input conversion notes) and ``notes`` (each note with
+    its count and sample ids; empty when the edits table has no ``notes`` column).
     """
     cols = list(by) + ["n", "ok", "skipped", "failed", "prep_seconds_mean", "infer_seconds_mean",
-                       "peak_memory_bytes_max", "reasons", "flags"]
+                       "peak_memory_bytes_max", "reasons", "flags", "n_noted", "notes"]
     if edits is None or len(edits) == 0:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
     rows = []
@@ -423,6 +453,7 @@ def edit_summary(edits: pd.DataFrame, by: Sequence[str] = ("method", "params")) 
             peak_memory_bytes_max=float(peak.max()) if peak.size else math.nan,
             reasons=_reason_counts(g), flags=_edit_flag_counts(g["flags"]) if "flags" in g.columns else "",
         )
+        row["n_noted"], row["notes"] = _note_counts(g)
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 

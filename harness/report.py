@@ -1,12 +1,21 @@
-"""Write a run's report: long summary, wide tables (Markdown, CSV, LaTeX), edit status, plots.
+"""Write a run's report: long summary, wide tables (Markdown, CSV, LaTeX), a compact terminal
+table, edit status, plots.
 
 ``write_report`` is a pure, deterministic function of the jobs' tables: no timestamps,
 a fixed bootstrap seed, stable ordering, PNGs without software metadata. Two calls on the
 same inputs give byte-identical files.
 
-Reading the CSV tables: ``table.csv`` and ``table_by_category.csv`` start with a caption
-block of ``# `` lines; read them with ``pandas.read_csv(path, comment="#")``.
-``summary.csv`` has no caption block (its protocol, weights and region rule are columns).
+Reading the CSV files: every CSV (``table.csv``, ``table_by_category.csv``, ``summary.csv``,
+``summary_by_category.csv``) is a plain table, read with ``pandas.read_csv(path)``; its caption
+(protocol, weights, region rule, CI, NaN counts, how best / second were marked) is the sidecar
+text file of the same stem, ``<stem>.caption.txt`` (``table.caption.txt`` ...).
+
+Best / second-best marks (:class:`Table`, rule stated in every caption): per column, among the
+rows that compete. Not marked: the reference methods of :data:`REFERENCE_METHODS` (a no-edit
+baseline is a bound, not a contestant), the reference metrics of
+:data:`REFERENCE_METRIC_SUFFIXES` (quantities computed without the edit, the same for every
+method), and a value whose n (samples in its mean) is below :data:`MIN_N_PERCENT` % of the
+largest n of the competing rows of its column, within its dataset (and category).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import pandas as pd
 from .aggregate import (
     BOOTSTRAP_SEED,
     CI_LEVEL,
+    COST_METRICS,
     N_RESAMPLES,
     SCORE_SORT,
     _concat,
@@ -37,9 +47,41 @@ from .aggregate import (
     swept_params,
 )
 from .fileio import save_bytes
-from .plots import plot_bars, plot_metric_vs_param, safe_name
+from .plots import PlotResult, plot_bars, plot_metric_vs_param, safe_name
 
 CSV_FLOAT = "%.12g"
+CAPTION_SUFFIX = ".caption.txt"  # table.csv -> table.caption.txt: the CSV's caption, beside it
+
+# ----------------------------------------------------------------------------------------------
+# What competes for the best / second-best marks: the one place that says so.
+# ----------------------------------------------------------------------------------------------
+# Methods (as named in the tables' method column) that are references, not contestants. A
+# method of another name that is a reference too (e.g. a `folder` of the unedited sources
+# scored with `edit-harness score --name sources`) is passed to write_report(reference_methods=).
+REFERENCE_METHODS: dict[str, str] = {
+    "identity": "the source unchanged, a no-edit baseline",
+}
+# Metrics whose name ends with one of these are reference quantities computed without the edit
+# (the same for every method on the same samples): their columns get no marks.
+REFERENCE_METRIC_SUFFIXES: dict[str, str] = {
+    "_noedit": "no-edit upper bound, source vs target",
+}
+# A value competes only when its n (values in its mean) is at least this percentage of the
+# largest n among the competing rows of its column (within its dataset, and category): a mean
+# over far fewer samples (a method that skipped or failed many) is not comparable.
+MIN_N_PERCENT = 90
+MAX_LISTED_EXCLUSIONS = 12  # the caption names this many left-out rows / cells, then counts the rest
+# The terminal table: at most this many metric columns (the rest are in table.md / table.csv).
+MAX_TERMINAL_COLUMNS = 8
+TERMINAL_MARKS = {"best": "*", "second": "+"}
+
+
+def is_reference_metric(metric: str) -> bool:
+    return any(str(metric).endswith(suf) for suf in REFERENCE_METRIC_SUFFIXES)
+
+
+def is_cost_metric(metric: str) -> bool:
+    return str(metric) in {m for m, _, _ in COST_METRICS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,12 +194,20 @@ def _order(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 
 
 class Table:
-    """A wide table model: rows = groups, columns = (metric, region) pairs, cells = stats."""
+    """A wide table model: rows = groups, columns = (metric, region) pairs, cells = stats.
 
-    def __init__(self, summary: pd.DataFrame, row_keys: Sequence[str], partition: Sequence[str]):
+    ``marks[(row index, column)]`` is "best", "second" or None, given per column within each
+    partition (e.g. dataset) among the competing values only (see the module docstring):
+    ``left_out`` records, for the caption, every row, column or cell left out of a contest that
+    had competitors, and why.
+    """
+
+    def __init__(self, summary: pd.DataFrame, row_keys: Sequence[str], partition: Sequence[str],
+                 reference_methods: Sequence[str] = tuple(REFERENCE_METHODS)):
         self.row_keys = list(row_keys)
         self.partition = list(partition)
         self.summary = summary
+        self.reference_methods = set(reference_methods)
         self.columns = metric_columns(summary) if len(summary) else []
         self.rows = summary[self.row_keys].drop_duplicates().to_dict("records") if len(summary) else []
         self.cells: dict[tuple, dict[str, Any]] = {}
@@ -168,14 +218,39 @@ class Table:
             d = summary[(summary["metric"] == m) & (summary["region"] == reg)]
             self.hib[(m, reg)] = bool(d["higher_is_better"].iloc[0])
         self.marks: dict[tuple, str | None] = {}
+        self.reference_rows = [i for i, row in enumerate(self.rows) if self.is_reference_row(row)]
+        self.reference_columns = [c for c in self.columns if is_reference_metric(c[0])]
+        # (row index, column, n, largest competing n) of the values left out for a small n
+        self.low_n: list[tuple[int, tuple[str, str], int, int]] = []
+        parts: dict[tuple, list[int]] = {}
+        for i, row in enumerate(self.rows):
+            parts.setdefault(tuple(str(row[p]) for p in self.partition), []).append(i)
         for col in self.columns:
-            parts: dict[tuple, list[int]] = {}
-            for i, row in enumerate(self.rows):
-                parts.setdefault(tuple(str(row[p]) for p in self.partition), []).append(i)
             for members in parts.values():
-                vals = [self.cell(self.rows[i], col).get("mean", math.nan) for i in members]
-                for i, mk in zip(members, rank_marks(vals, self.hib[col])):
+                for i, mk in self._contest(col, members).items():
                     self.marks[(i, col)] = mk
+
+    def is_reference_row(self, row: dict[str, Any]) -> bool:
+        return str(row.get("method")) in self.reference_methods
+
+    def _contest(self, col: tuple[str, str], members: list[int]) -> dict[int, str | None]:
+        """Marks of one column within one partition: reference rows and columns and values over
+        far fewer samples do not compete; rank_marks ranks the rest."""
+        out: dict[int, str | None] = {i: None for i in members}
+        if col in self.reference_columns:
+            return out
+        cand = [i for i in members if i not in self.reference_rows and self.cell(self.rows[i], col)]
+        ns = {i: int(self.cell(self.rows[i], col).get("n", 0)) for i in cand}
+        top = max(ns.values(), default=0)
+        # integer form of n >= MIN_N_PERCENT / 100 * top: exact, no rounding at the threshold
+        eligible = [i for i in cand if 100 * ns[i] >= MIN_N_PERCENT * top]
+        for i in cand:
+            if i not in eligible and ns[i] > 0:
+                self.low_n.append((i, col, ns[i], top))
+        vals = [self.cell(self.rows[i], col).get("mean", math.nan) for i in eligible]
+        for i, mk in zip(eligible, rank_marks(vals, self.hib[col])):
+            out[i] = mk
+        return out
 
     def _rk(self, r: dict[str, Any]) -> tuple:
         return tuple(str(r[k]) for k in self.row_keys)
@@ -183,12 +258,42 @@ class Table:
     def cell(self, row: dict[str, Any], col: tuple[str, str]) -> dict[str, Any]:
         return self.cells.get((self._rk(row), col[0], col[1]), {})
 
-    def n(self, row: dict[str, Any]) -> int:
-        tot = [c["n"] + c["n_nan"] for col in self.columns if (c := self.cell(row, col))]
+    def n(self, row: dict[str, Any], columns: Sequence[tuple[str, str]] | None = None) -> int:
+        cols = self.columns if columns is None else columns
+        tot = [c["n"] + c["n_nan"] for col in cols if (c := self.cell(row, col))]
         return int(max(tot)) if tot else 0
 
     def header(self, col: tuple[str, str]) -> str:
         return f"{column_label(*col)} {arrow(self.hib[col])}"
+
+    def row_name(self, i: int) -> str:
+        row = self.rows[i]
+        return " / ".join(format_params(row[k], empty="—") if k == "params" else str(row[k])
+                          for k in self.row_keys if k != "params" or format_params(row[k], empty=""))
+
+    def marks_caption(self) -> list[str]:
+        """Caption lines saying how the marks were given, and what was left out of them here."""
+        scope = {(): "", ("dataset",): " within each dataset", ("category",): " within each category",
+                 ("dataset", "category"): " within each dataset and category"}.get(
+            tuple(self.partition), " within each " + " and ".join(self.partition))
+        refs = "; ".join(f"{m}: {REFERENCE_METHODS.get(m, 'declared a reference for this report')}"
+                         for m in sorted(self.reference_methods))
+        ref_cols = "; ".join(f"*{k}: {v}" for k, v in REFERENCE_METRIC_SUFFIXES.items())
+        lines = [f"Marks: best per column{scope} in bold, second best underlined, by each metric's direction "
+                 f"(↑ higher is better, ↓ lower is better); NaN ignored; best needs two competing values, "
+                 f"second best three. Not marked: reference rows ({refs}), reference columns ({ref_cols}), "
+                 f"and a value whose n is below {MIN_N_PERCENT}% of the largest n of the competing rows of its "
+                 f"column{scope} (a mean over far fewer samples is not comparable)."]
+        items = [f"{m} (reference method)" for m in sorted({str(self.rows[i]["method"]) for i in self.reference_rows})]
+        items += [f"{column_label(*c)} (reference column)" for c in self.reference_columns]
+        items += [f"{self.row_name(i)} in {column_label(*c)} (n {n} < {MIN_N_PERCENT}% of {top})"
+                  for i, c, n, top in self.low_n]
+        if items:
+            shown = items[:MAX_LISTED_EXCLUSIONS]
+            more = len(items) - len(shown)
+            lines.append("Left out of the marks here: " + "; ".join(shown)
+                         + (f"; and {more} more" if more else "") + ".")
+        return lines
 
 
 def _key_title(k: str) -> str:
@@ -266,8 +371,10 @@ def _convention_lines(info: dict[str, dict[str, str]]) -> list[str]:
     return out
 
 
-def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFrame, title: str) -> list[str]:
-    """The header block every table carries, as plain-text lines (first line = title)."""
+def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFrame, title: str,
+                  marks: Sequence[str] = ()) -> list[str]:
+    """The header block every table carries, as plain-text lines (first line = title); ``marks``
+    (:meth:`Table.marks_caption`) closes it."""
     lines = [title]
     runs = _distinct(scores, edits, "run")
     datasets = _distinct(scores, edits, "dataset")
@@ -308,8 +415,7 @@ def caption_lines(scores: pd.DataFrame, edits: pd.DataFrame, summary: pd.DataFra
         lines.append("NaN values (flagged) are excluded from means and counted: none here.")
     if len(summary) and int(summary["n_inf"].sum()):
         lines.append("inf values (e.g. PSNR of identical images) are kept: a mean holding one is inf.")
-    lines.append("Best per column in bold, second best underlined, by each metric's direction "
-                 "(↑ higher is better, ↓ lower is better); NaN ignored.")
+    lines += list(marks)
     return lines
 
 
@@ -404,18 +510,32 @@ def table_frame(t: Table) -> pd.DataFrame:
             r[f"{lab} n"] = c.get("n", 0)
             r[f"{lab} n_nan"] = c.get("n_nan", 0)
         recs.append(r)
-    return pd.DataFrame(recs)
+    return pd.DataFrame(recs) if recs else pd.DataFrame(columns=[*t.row_keys, "n"])
 
 
-def write_csv(path: Path, caption: list[str], t: Table) -> Path:
-    df = table_frame(t)
-    head = "".join(f"# {ln.strip()}\n" for ln in caption)
-    body = df.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n") if len(df) else "\n"
-    _write_text(path, head + body)
+def caption_path(csv_path: Path) -> Path:
+    """The caption sidecar of a CSV file: ``table.csv`` -> ``table.caption.txt``."""
+    return Path(csv_path).with_suffix(CAPTION_SUFFIX)
+
+
+def write_caption(path: Path, caption: Sequence[str]) -> Path:
+    _write_text(path, "".join(f"{ln.rstrip()}\n" for ln in caption))
     return path
 
 
-def write_latex(path: Path, caption: list[str], t: Table) -> Path:
+def write_frame_csv(path: Path, df: pd.DataFrame, caption: Sequence[str]) -> tuple[Path, Path]:
+    """A CSV that ``pandas.read_csv(path)`` reads as is (no comment lines) and its caption in
+    the sidecar ``<stem>.caption.txt``. Returns (csv path, caption path)."""
+    body = df.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n") if len(df.columns) else ""
+    _write_text(path, body)
+    return Path(path), write_caption(caption_path(path), caption)
+
+
+def write_csv(path: Path, caption: list[str], t: Table) -> tuple[Path, Path]:
+    return write_frame_csv(path, table_frame(t), caption)
+
+
+def write_latex(path: Path, caption: list[str], t: Table, label: str = "tab:results") -> Path:
     lines = [f"% {ln}" for ln in caption]
     lines.append("% requires \\usepackage{booktabs} and \\usepackage{graphicx}")
     parts: list[str] = []
@@ -438,7 +558,7 @@ def write_latex(path: Path, caption: list[str], t: Table) -> Path:
         "\\begin{table}[t]",
         "\\centering",
         f"\\caption{{{tex_escape(caption[0])}. {cap}}}",
-        "\\label{tab:results}",
+        f"\\label{{{label}}}",
         "\\resizebox{\\linewidth}{!}{%",
         f"\\begin{{tabular}}{{{'l' * len(t.row_keys)}{'r' * (1 + len(t.columns))}}}",
         "\\toprule",
@@ -454,9 +574,71 @@ def write_latex(path: Path, caption: list[str], t: Table) -> Path:
     return path
 
 
+# ----------------------------------------------------------------------------------------------
+# the terminal table
+# ----------------------------------------------------------------------------------------------
+def terminal_columns(t: Table) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(shown, not shown) columns of the terminal table: each measured metric once, on the whole
+    image (region ``all``) where it is scored there, else on each of its regions (protocols that
+    score only a part, e.g. PartEdit's unedited region); no cost columns, no reference columns;
+    at most MAX_TERMINAL_COLUMNS."""
+    measured = [c for c in t.columns if not is_cost_metric(c[0]) and not is_reference_metric(c[0])]
+    with_all = {m for m, r in measured if r == "all"}
+    main = [(m, r) for m, r in measured if r == "all" or m not in with_all]
+    shown = main[:MAX_TERMINAL_COLUMNS]
+    return shown, [c for c in t.columns if c not in shown]
+
+
+def _aligned(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> list[str]:
+    """Fixed-width text columns, the first ``left`` left-aligned (names), the rest right-aligned
+    (numbers), headers aligned like their column. (Written here: pandas' to_string justifies
+    every header the same way, whatever its column holds.)"""
+    widths = [max(len(h), *(len(r[j]) for r in rows)) for j, h in enumerate(head)]
+    out = []
+    for cells in [head, *rows]:
+        out.append("  ".join(c.ljust(w) if j < left else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+                   .rstrip())
+    return out
+
+
+def terminal_table(t: Table, context: str, unscored: Sequence[str] = (), per_category: bool = True) -> str:
+    """A compact plain-text table for the terminal: means only, marks as * (best) and + (second),
+    the main columns of :func:`terminal_columns`; every other number is in table.md / table.csv.
+    ``context`` (runs, datasets, protocol) goes in the title line."""
+    lines = [f"Results: mean per method and parameter point ({context})"]
+    if not t.rows:
+        lines.append("No scores in these runs (no metric configured, or every edit skipped or failed).")
+    else:
+        shown, rest = terminal_columns(t)
+        head = [_key_title(k) for k in t.row_keys] + ["n"] + [t.header(c) for c in shown]
+        rows = []
+        for i, row in enumerate(t.rows):
+            cells = [format_params(row[k], empty="-") if k == "params" else str(row[k]) for k in t.row_keys]
+            cells.append(str(t.n(row, shown or t.columns)))
+            for col in shown:
+                mk = t.marks.get((i, col))
+                # a mark or a space, so that the digits of every row stay aligned
+                cells.append(fmt(t.cell(row, col).get("mean", math.nan)) + (TERMINAL_MARKS[mk] if mk else " "))
+            rows.append(cells)
+        lines += _aligned(head, rows, left=len(t.row_keys))
+        lines.append(f"{TERMINAL_MARKS['best']} best, {TERMINAL_MARKS['second']} second best per column, among "
+                     f"competing rows (reference methods such as identity, and a value whose n is below "
+                     f"{MIN_N_PERCENT}% of its column's largest, are not marked). n = samples scored.")
+        other = f"; {len(rest)} more column(s) (other regions, costs, reference columns)" if rest else ""
+        lines.append(f"95% CIs{other}" + (", per-category tables" if per_category else "")
+                     + ": table.md, table.csv" + (", table_by_category.md." if per_category else "."))
+    if unscored:
+        lines.append("Not scored (every edit skipped or failed, reasons in table.md): " + ", ".join(unscored) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def write_edits_md(path: Path, edits: pd.DataFrame, by: Sequence[str]) -> Path:
+    """Edit status per group; with the edits' ``notes`` column (input conversion notes: EXIF
+    rotation, 16-bit, mask conversions ...), the number of noted edits per group and each note
+    with its samples (runs written before the column existed show neither)."""
     es = _order(edit_summary(edits, by), by) if len(edits) else edit_summary(edits, by)
     runs = sorted({str(r) for r in edits["run"].dropna()}) if "run" in edits.columns and len(edits) else []
+    has_notes = "notes" in edits.columns
     lines = [
         "# Edits: status, timings and memory",
         "",
@@ -464,43 +646,57 @@ def write_edits_md(path: Path, edits: pd.DataFrame, by: Sequence[str]) -> Path:
         "- prep s / infer s: mean seconds per ok edit (preparation vs inference; cached edits keep the "
         "timings recorded when they were computed). peak memory: max over edits (n/a: not measured).",
         "- Skipped and failed edits are not scored; their reasons are listed below the table.",
-        "",
     ]
+    if has_notes:
+        lines.append("- input notes: edits whose inputs were converted when read (EXIF rotation, 16-bit, CMYK, "
+                     "alpha, mask conversions ...); each note and its samples are listed below the table.")
+    lines.append("")
     if not len(es):
         lines.append("_No edits in these runs._")
         _write_text(path, "\n".join(lines) + "\n")
         return path
     head = [_key_title(k) for k in by] + ["n", "ok", "skipped", "failed", "prep s", "infer s", "peak memory", "edit flags"]
+    head += ["input notes"] if has_notes else []
     lines += ["| " + " | ".join(head) + " |",
-              "|" + "|".join(["---"] * len(by) + ["---:"] * 7 + ["---"]) + "|"]
-    reasons = []
+              "|" + "|".join(["---"] * len(by) + ["---:"] * 7 + ["---"] + (["---:"] if has_notes else [])) + "|"]
+    reasons, notes = [], []
     for r in es.to_dict("records"):
         keys = [format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by]
-        lines.append("| " + " | ".join(md_escape(x) for x in keys + [
-            str(r["n"]), str(r["ok"]), str(r["skipped"]), str(r["failed"]), fmt(r["prep_seconds_mean"]),
-            fmt(r["infer_seconds_mean"]), fmt_bytes(r["peak_memory_bytes_max"]), r["flags"] or "—"]) + " |")
+        cells = keys + [str(r["n"]), str(r["ok"]), str(r["skipped"]), str(r["failed"]), fmt(r["prep_seconds_mean"]),
+                        fmt(r["infer_seconds_mean"]), fmt_bytes(r["peak_memory_bytes_max"]), r["flags"] or "—"]
+        cells += [str(r["n_noted"]) if r["n_noted"] else "—"] if has_notes else []
+        lines.append("| " + " | ".join(md_escape(x) for x in cells) + " |")
         if r["reasons"]:
             reasons.append(f"- {' / '.join(keys)}: {r['reasons']}")
+        if r["notes"]:
+            notes.append(f"- {' / '.join(keys)}: {r['notes']}")
     if reasons:
         lines += ["", "## Skipped and failed", "", *reasons]
+    if notes:
+        lines += ["", "## Input conversion notes", "", *notes]
     _write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _unscored_groups(edits: pd.DataFrame, by: Sequence[str]) -> list[dict[str, Any]]:
+    """edit_summary records of the groups with no ok edit, in table order."""
+    if not len(edits):
+        return []
+    es = _order(edit_summary(edits, by), by)
+    return es[es["ok"] == 0].to_dict("records")
 
 
 def unscored_section(edits: pd.DataFrame, by: Sequence[str]) -> list[str]:
     """Markdown lines listing the method / parameter points with no ok edit (every edit skipped
     or failed: missing weights, missing sample fields ...), with their reasons, so that a method
     that could not run still has a row in the results table's report."""
-    if not len(edits):
-        return []
-    es = _order(edit_summary(edits, by), by)
-    es = es[es["ok"] == 0]
-    if not len(es):
+    recs = _unscored_groups(edits, by)
+    if not recs:
         return []
     lines = ["## Not scored: every edit skipped or failed", "",
              "| " + " | ".join([_key_title(k) for k in by] + ["n", "skipped", "failed", "reason"]) + " |",
              "|" + "|".join(["---"] * len(by) + ["---:"] * 3 + ["---"]) + "|"]
-    for r in es.to_dict("records"):
+    for r in recs:
         keys = [format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by]
         lines.append("| " + " | ".join(md_escape(x) for x in keys + [
             str(r["n"]), str(r["skipped"]), str(r["failed"]), r["reasons"] or "—"]) + " |")
@@ -516,50 +712,70 @@ def _write_text(path: Path, text: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # plots
 # ----------------------------------------------------------------------------------------------
-def write_plots(summary: pd.DataFrame, by: Sequence[str], out_dir: Path) -> dict[str, Path]:
+def write_plots(summary: pd.DataFrame, by: Sequence[str], out_dir: Path) -> tuple[dict[str, Path], list[str]]:
     """Sweep curves for every numeric parameter swept within a method, for every
-    (metric, region); without a sweep, one bar chart per metric. Returns name -> path."""
+    (metric, region); without a sweep, one bar chart per metric. Returns (name -> path of the
+    plots written, Markdown lines saying which plots were not drawn and which series were left
+    out of a plot, and why)."""
     files: dict[str, Path] = {}
+    not_drawn: list[str] = []
+    left_out: list[str] = []
     if not len(summary):
-        return files
+        return files, []
     sp = expand_params(summary)
     within = [c for c in ("run", "dataset", "method") if c in by]
     swept = swept_params(sp, within=within)
     pairs = metric_columns(summary)
+    jobs: list[tuple[str, str, Any]] = []
     if swept:
         for param in swept:
             for m, r in pairs:
-                name = f"plot_{safe_name(m)}_{safe_name(r)}_vs_{safe_name(param)}.png"
-                p = plot_metric_vs_param(sp, m, r, param, out_dir / name)
-                if p is not None:
-                    files[name] = p
+                jobs.append((f"plot_{safe_name(m)}_{safe_name(r)}_vs_{safe_name(param)}.png",
+                             f"{column_label(m, r)} vs {param}",
+                             lambda path, m=m, r=r, param=param: plot_metric_vs_param(sp, m, r, param, path)))
     else:
         for m in sorted({m for m, _ in pairs}):
-            name = f"plot_bars_{safe_name(m)}.png"
-            p = plot_bars(summary, m, out_dir / name)
-            if p is not None:
-                files[name] = p
-    return files
+            jobs.append((f"plot_bars_{safe_name(m)}.png", m, lambda path, m=m: plot_bars(summary, m, path)))
+    for name, what, draw in jobs:
+        res: PlotResult = draw(out_dir / name)
+        if res.path is not None:
+            files[name] = res.path
+            left_out += [f"- {name}: {md_escape(x)}" for x in res.skipped]
+        else:
+            not_drawn.append(f"- {md_escape(what)}: {md_escape(res.reason)}")
+    notes: list[str] = []
+    if not_drawn:
+        notes += ["", "Not drawn (nothing a plot would show that the table does not):", "", *not_drawn]
+    if left_out:
+        notes += ["", "Series left out of a plot (all values 0, a single point, or no finite value):", "", *left_out]
+    return files, notes
 
 
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
-_OWNED = re.compile(r"^(plot_.*\.png|table_by_category\.(md|csv)|summary_by_category\.csv)$")
+_OWNED = re.compile(r"^(plot_.*\.png|table_by_category\.(md|csv|tex|caption\.txt)"
+                    r"|summary_by_category\.(csv|caption\.txt))$")
+TERMINAL_FILE = "table_terminal.txt"
 
 
 def write_report(
-    run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True, cost_columns: bool = True
+    run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True,
+    cost_columns: bool = True, reference_methods: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write the report of one or more run dirs into ``out_dir``; returns file name -> path.
 
     Files: summary.csv (long summary), table.md / table.csv / table.tex (wide table: mean
     [95% CI] per method x parameter point x metric/region), with per_category also
-    summary_by_category.csv and table_by_category.md / .csv, edits.md, and plots
-    (plot_<metric>_<region>_vs_<param>.png for sweeps, else plot_bars_<metric>.png).
+    summary_by_category.csv and table_by_category.md / .csv / .tex, a ``.caption.txt`` sidecar
+    beside every CSV, edits.md, plots (plot_<metric>_<region>_vs_<param>.png for sweeps, else
+    plot_bars_<metric>.png), and table_terminal.txt, the compact table for the terminal
+    (returned under the key ``"terminal"``).
     Stale plot and per-category files of an earlier report in ``out_dir`` are removed.
     With ``cost_columns`` the runner's preparation time, inference time and peak memory per
     edit are aggregated as metrics of protocol ``runner`` (``cost_*`` columns).
+    ``reference_methods`` names methods that are references in this report, besides
+    :data:`REFERENCE_METHODS`: they get no best / second marks.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -570,36 +786,52 @@ def write_report(
             scores = _concat([scores, costs], SCORE_SORT)
     by = _group_keys(scores, edits)
     partition = ["dataset"] if "dataset" in by else []
+    refs = [*REFERENCE_METHODS, *(m for m in reference_methods if m not in REFERENCE_METHODS)]
     summary = _order(summarize(scores, by), by)
     files: dict[str, Path] = {}
 
-    def put(name: str, df: pd.DataFrame) -> None:
-        p = out_dir / name
-        _write_text(p, df.to_csv(index=False, float_format=CSV_FLOAT, lineterminator="\n"))
-        files[name] = p
-
-    put("summary.csv", summary)
-    plots = write_plots(summary, by, out_dir)
-    t = Table(summary, by, partition)
-    cap = caption_lines(scores, edits, summary, "Results: mean [95% bootstrap CI] per method and parameter point")
+    plots, plot_notes = write_plots(summary, by, out_dir)
+    t = Table(summary, by, partition, refs)
+    cap = caption_lines(scores, edits, summary, "Results: mean [95% bootstrap CI] per method and parameter point",
+                        t.marks_caption())
+    scap = caption_lines(scores, edits, summary, "Long summary: one row per method, parameter point, metric and "
+                         "region (mean, 95% bootstrap CI, n, NaN and inf counts, flags)")
+    files["summary.csv"], files["summary.caption.txt"] = write_frame_csv(out_dir / "summary.csv", summary, scap)
     extra = unscored_section(edits, by)
-    if plots:
-        extra = [*extra, *([""] if extra else []), "## Plots", "", *[f"- {n}" for n in plots]]
+    if plots or plot_notes:
+        extra = [*extra, *([""] if extra else []), "## Plots", "", *[f"- {n}" for n in plots], *plot_notes]
     files["table.md"] = write_markdown(out_dir / "table.md", cap, t, extra)
-    files["table.csv"] = write_csv(out_dir / "table.csv", cap, t)
+    files["table.csv"], files["table.caption.txt"] = write_csv(out_dir / "table.csv", cap, t)
     files["table.tex"] = write_latex(out_dir / "table.tex", cap, t)
     if per_category:
-        cs = _order(summarize(scores, by, per_category=True), partition + ["category"] + [k for k in by if k not in partition])
-        put("summary_by_category.csv", cs)
         keys = partition + ["category"] + [k for k in by if k not in partition]
-        tc = Table(cs, keys, partition + ["category"])
-        ccap = caption_lines(scores, edits, cs, "Results per edit category: mean [95% bootstrap CI]")
-        ccap[-1] = ccap[-1].replace("Best per column", "Best per column within each category")
+        cs = _order(summarize(scores, by, per_category=True), keys)
+        tc = Table(cs, keys, partition + ["category"], refs)
+        ccap = caption_lines(scores, edits, cs, "Results per edit category: mean [95% bootstrap CI]",
+                             tc.marks_caption())
+        cscap = caption_lines(scores, edits, cs, "Long summary per edit category: one row per category, method, "
+                              "parameter point, metric and region")
+        files["summary_by_category.csv"], files["summary_by_category.caption.txt"] = write_frame_csv(
+            out_dir / "summary_by_category.csv", cs, cscap)
         files["table_by_category.md"] = write_markdown(out_dir / "table_by_category.md", ccap, tc)
-        files["table_by_category.csv"] = write_csv(out_dir / "table_by_category.csv", ccap, tc)
+        files["table_by_category.csv"], files["table_by_category.caption.txt"] = write_csv(
+            out_dir / "table_by_category.csv", ccap, tc)
+        files["table_by_category.tex"] = write_latex(out_dir / "table_by_category.tex", ccap, tc,
+                                                     label="tab:results_by_category")
     files["edits.md"] = write_edits_md(out_dir / "edits.md", edits, by)
+    protocols = sorted({p for v in summary["protocol"] for p in _parts(v) if p != "runner"}) if len(summary) else []
+    unscored = [" / ".join(format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by
+                           if k != "params" or format_params(r[k], empty=""))
+                for r in _unscored_groups(edits, by)]
+    terminal = out_dir / TERMINAL_FILE
+    runs, datasets = _distinct(scores, edits, "run"), _distinct(scores, edits, "dataset")
+    context = (f"run {', '.join(runs) or 'n/a'}; dataset {', '.join(datasets) or 'n/a'}; "
+               f"protocol {', '.join(protocols) or 'n/a'}")
+    _write_text(terminal, terminal_table(t, context, unscored, per_category))
+    files["terminal"] = terminal
     files.update(plots)
+    written = {p.name for p in files.values()}
     for p in sorted(out_dir.iterdir()):
-        if p.is_file() and _OWNED.match(p.name) and p.name not in files:
+        if p.is_file() and _OWNED.match(p.name) and p.name not in written:
             p.unlink()
     return files
