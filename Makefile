@@ -1,14 +1,16 @@
 # make demo: install into .venv and run the default experiment on the embedded sample set.
 # make test: install into .venv and run the test suite (what CI runs).
+# make wheel: build the wheel (configs and sample set inside) into dist/, for `pip install dist/*.whl`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench wheel clean
 
 install: $(VENV)/.installed
 
 # constraints.txt: the exact releases the tests run on (pyproject.toml holds the ranges).
+# Editable: conf/, datasets/ and the Hydra plugin are read from the checkout (harness/paths.py).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
@@ -26,5 +28,10 @@ bench: install
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_rerun.py
 
+# build/ first: setuptools would put a stale build/lib module into the wheel.
+wheel: install
+	rm -rf build
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+
 clean:
-	rm -rf results/default results/sample-default
+	rm -rf results/default results/sample-default build dist

@@ -1,7 +1,9 @@
 """Method adapters. Importing this package registers every method in ``harness.registry.METHODS``.
 
-Each module is imported explicitly: the list below is the set of method names.
-No module here imports torch at import time.
+Each module is imported explicitly: the list below is the set of the harness's own method names
+(``harness.registry.METHODS`` imports this package on its first lookup). Outside packages add
+methods without editing this list, through the entry point group ``edit_harness.methods``
+(:mod:`harness.plugins`). No module here imports torch at import time.
 """
 from . import folder, identity, inpaint, move, paste, recolor  # noqa: F401
 from . import instruct_pix2pix  # noqa: F401

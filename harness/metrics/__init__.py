@@ -1,4 +1,6 @@
-"""Metrics. Importing this package registers every metric (explicit imports below).
+"""Metrics. Importing this package registers every metric of the harness (explicit imports below;
+``harness.registry.METRICS`` imports it on its first lookup); outside packages add metrics through
+the entry point group ``edit_harness.metrics`` (:mod:`harness.plugins`).
 
 No module here imports torch, torchmetrics, lpips or dlib at import time.
 """
