@@ -76,7 +76,10 @@ class Method(abc.ABC):
       name: set by the registry.
       version: bump when the method's output for the same inputs changes (invalidates the cache).
       requires: sample fields the method needs; a sample lacking one is skipped with the reason.
-      categories: edit categories the method handles (None = any).
+      categories: edit categories the method handles (None = any). A filter, not an input: a
+        sample of another category is skipped, but a sample with no category is edited by
+        every method whose ``requires`` it meets (a method whose edit reads the category
+        lists ``"category"`` in ``requires``).
       Params: a dataclass of parameters with defaults, mirrored by ``conf/method/<name>.yaml``.
       numeric_libraries: distributions whose numerics the output depends on; their installed
         versions (with :data:`INPUT_LIBRARIES`, and torch for ``uses_torch``) are part of every
@@ -161,7 +164,7 @@ class Method(abc.ABC):
         missing = sample.missing(self.requires)
         if missing:
             return f"method '{self.name}' needs sample field(s) {', '.join(missing)}, which sample '{sample.id}' lacks"
-        if self.categories is not None and sample.category not in self.categories:
+        if self.categories is not None and sample.category is not None and sample.category not in self.categories:
             return (
                 f"method '{self.name}' handles categories {', '.join(self.categories)}; "
                 f"sample '{sample.id}' is '{sample.category}'"

@@ -1,9 +1,17 @@
 """Run one job: one method with one parameter point on one dataset, edits cached, then scored.
 
 What is cached is what is a function of the inputs: finished edits (status ok) and the
-method's own skips. Failures (an exception, an unusable sample file, weights missing at
-``prepare``) are recorded in the job's tables with their reason and traceback but retried on
-the next run, because they depend on the machine as much as on the inputs.
+method's own skips. Failures (an exception, an unusable sample file) are stored too, with their
+reason and traceback, and retried on the next run (``retry_failed: true``, the default), because
+they depend on the machine as much as on the inputs; ``retry_failed: false`` keeps them as they
+are. A method that cannot be prepared (weights missing) gives skipped rows that are never stored.
+
+Nothing one sample holds ends a job: a sample that cannot be decoded, a method whose ``check``
+or ``edit`` raises, and an input file that disappears before scoring each become a failed row
+(or NaN score rows flagged ``error:...``) naming the sample and the field.
+
+Progress: on a terminal, tqdm bars (edits; scores, advancing per edit and metric and naming the
+metric being computed); elsewhere (a log file, CI) a few plain lines on stderr instead.
 """
 from __future__ import annotations
 
@@ -39,9 +47,12 @@ log = logging.getLogger("edit_harness")
 
 EDIT_COLUMNS = [
     "run", "job", "method", "method_version", "params", "dataset", "sample_id", "category", "seed",
-    "edit_key", "status", "reason", "flags", "prep_seconds", "infer_seconds", "peak_memory_bytes",
+    "edit_key", "status", "reason", "flags", "notes", "prep_seconds", "infer_seconds", "peak_memory_bytes",
     "model_revision",
 ]
+#: ``notes`` (edits table): how the sample's inputs were converted (EXIF rotation, 16 bits, CMYK,
+#: alpha, mask conversions under the dataset's ``mask_rule``), '; '-joined; '' when none.
+NOTES_SEP = "; "
 SCORE_COLUMNS = [
     "run", "job", "method", "method_version", "params", "dataset", "sample_id", "category", "seed",
     "edit_key", "metric", "region", "value", "flag", "protocol", "weights", "region_rule", "higher_is_better",
@@ -238,6 +249,60 @@ def _host() -> dict[str, Any]:
     return info
 
 
+def _stderr_is_terminal() -> bool:
+    try:
+        return bool(sys.stderr.isatty())
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        return False
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (stderr a file or a pipe: logs, CI) a few plain
+    lines instead of a bar redrawn with carriage returns: one at the start, one per stage (the
+    metric being computed) and one at the end. ``enabled=False``: silent."""
+
+    def __init__(self, total: int, desc: str, unit: str, enabled: bool):
+        self.total, self.desc, self.unit, self.n = total, desc, unit, 0
+        self.tty = enabled and total > 0 and _stderr_is_terminal()
+        self.plain = enabled and total > 0 and not self.tty
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        elif self.plain:
+            self._line(f"{total} {unit}s")
+
+    def _line(self, text: str) -> None:
+        print(f"{self.desc}: {text}", file=sys.stderr, flush=True)
+
+    def stage(self, name: str) -> None:
+        """Name what is being computed now (a metric)."""
+        if self.bar is not None:
+            self.bar.set_description_str(f"{self.desc} [{name}]")
+        elif self.plain:
+            self._line(f"{name} ({self.n}/{self.total} {self.unit}s done)")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self, summary: str = "") -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.plain:
+            self._line(f"done, {self.n} {self.unit}s in {time.perf_counter() - self.t0:.1f} s"
+                       + (f" ({summary})" if summary else ""))
+
+
+def _notes_of(sample: Sample | None) -> dict[str, Any]:
+    """What an edit's info keeps of its sample's input conversions (``input_notes``)."""
+    notes = sample.meta.get("input_notes") if sample is not None else None
+    return {"input_notes": list(notes)} if notes else {}
+
+
 class Job:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -259,7 +324,9 @@ class Job:
                 "params": self.params,
                 "version": self.method.version,
                 "seed": cfg.seed,
-                "dataset": cfg.dataset,
+                # where the dataset lives is not part of the job: the same job run from another
+                # copy of the dataset (another machine) gets the same id and identical tables
+                "dataset": {k: v for k, v in dict(cfg.dataset).items() if k != "root"},
                 "protocol": self.suite.protocol if self.suite else None,
             },
             8,
@@ -301,11 +368,14 @@ class Job:
         self.load_seconds = time.perf_counter() - t0
 
     def compute(self, ref: SampleRef, previous: "_Chained | None" = None) -> tuple[EditResult, bool]:
-        """Make one edit. Returns the result and whether it may be cached.
+        """Make one edit. Returns the result and whether it may be stored (failures are stored,
+        and retried by ``retry_failed``; skips that depend on the machine or on another edit
+        of this job are not).
 
         ``previous``: for a self-fed turn (multi-turn editing), this job's edit of the turn
         before, which replaces the sample's source (``dataset.feed_previous``).
         """
+        sample: Sample | None = None
         try:
             sample = self.dataset.load(ref)
             prev_id = _previous_sample(ref)
@@ -320,13 +390,22 @@ class Job:
                         f"({previous.record.status.value}: {previous.record.meta.get('reason')})")), False
                 sample = self.dataset.feed_previous(sample, previous.image())
         except SampleError as e:
-            return EditResult(EditStatus.FAILED, reason=str(e)), False
-        reason = self.method.cannot_handle(sample)
+            return EditResult(EditStatus.FAILED, reason=str(e), info=_notes_of(sample)), True
+        except Exception as e:  # a loader that trips on an odd file must not end the sweep
+            return EditResult(EditStatus.FAILED, reason=f"sample '{ref.id}': loading failed: {type(e).__name__}: {e}",
+                              traceback=traceback.format_exc(), info=_notes_of(sample)), True
+        notes = _notes_of(sample)
+        try:
+            reason = self.method.cannot_handle(sample)
+        except Exception as e:  # a method's own check that raises fails this sample only
+            return EditResult(EditStatus.FAILED, reason=(
+                f"sample '{ref.id}': method '{self.method.name}' check raised {type(e).__name__}: {e}"),
+                traceback=traceback.format_exc(), info=notes), True
         if reason:
-            return EditResult(EditStatus.SKIPPED, reason=reason), True
+            return EditResult(EditStatus.SKIPPED, reason=reason, info=notes), True
         self._prepare()
         if self._prepare_error:
-            return EditResult(EditStatus.SKIPPED, reason=self._prepare_error), False
+            return EditResult(EditStatus.SKIPPED, reason=self._prepare_error, info=notes), False
         try:
             with self._probe as probe:
                 t0 = time.perf_counter()
@@ -334,21 +413,24 @@ class Job:
                 total = time.perf_counter() - t0
             image, mask, flags = check_output(out, sample)
         except SkipSample as e:
-            return EditResult(EditStatus.SKIPPED, reason=f"sample '{sample.id}': {e}"), True
+            return EditResult(EditStatus.SKIPPED, reason=f"sample '{sample.id}': {e}", info=notes), True
         except Exception as e:
             return (
                 EditResult(
                     EditStatus.FAILED,
                     reason=f"sample '{sample.id}': {type(e).__name__}: {e}",
                     traceback=traceback.format_exc(),
+                    info=notes,
                 ),
-                False,
+                True,
             )
         prep = float(out.info.pop("prep_seconds", 0.0) or 0.0)
         info = dict(out.info)
         info["memory_probe"] = probe.kind
-        if sample.meta.get("input_notes"):
-            info["input_notes"] = sample.meta["input_notes"]
+        # the sample's conversions first, then any the method made of its own inputs (an edit file)
+        own = info.get("input_notes") if isinstance(info.get("input_notes"), list) else []
+        if notes or own:
+            info["input_notes"] = [*notes.get("input_notes", []), *(n for n in own if isinstance(n, str))]
         return (
             EditResult(
                 EditStatus.OK,
@@ -369,19 +451,17 @@ class Job:
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        from tqdm.auto import tqdm
-
         records = []
         computed = cached = 0
         writers = max(int(self.cfg.writers), 0)
         pool = ThreadPoolExecutor(writers) if writers else None
         pending: deque = deque()
-        bar = tqdm(refs, desc=f"edit {self.method.label()}", unit="edit", disable=not self.cfg.progress, leave=False)
+        bar = _Progress(len(refs), f"edit {self.method.label()}", "edit", self.cfg.progress)
         # Multi-turn (self-fed) editing: a ref whose record names a ``previous_sample`` is edited
         # from this job's edit of that sample, and its key includes that edit's key.
         chained: dict[str, _Chained] = {}
         try:
-            for ref in bar:
+            for ref in refs:
                 prev_id = _previous_sample(ref)
                 previous = chained.get(prev_id) if prev_id is not None else None
                 key = self.key_for(ref, previous.key if previous is not None else None)
@@ -404,11 +484,13 @@ class Job:
                     computed += 1
                 chained[ref.id] = _Chained(key, rec, result.image if result is not None else None)
                 records.append((ref, key, rec))
+                bar.update()
             while pending:
                 pending.popleft().result()
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
+            bar.close(f"computed {computed}, cached {cached}")
         return records, computed, cached
 
     # -- scores ---------------------------------------------------------------------------
@@ -417,9 +499,12 @@ class Job:
         return self.dataset.load(ref, decode=self.decode)
 
     def score_all(self, records: list[tuple[SampleRef, str, EditRecord]]) -> tuple[dict[str, list[ScoreValue]], int]:
-        """Scores per edit key (all metrics), computing only what is not cached."""
-        from tqdm.auto import tqdm
+        """Scores per edit key (all metrics), computing only what is not cached.
 
+        An edit whose sample (or edit file) cannot be read now, say an input file removed since
+        the edit was made, gets NaN rows flagged ``error:<Exception>:<field>`` for each metric
+        (the message in the job manifest's ``metric_errors``); they are not cached, so the next
+        run scores it again."""
         from .metrics.base import ScoringItem
 
         assert self.suite is not None
@@ -439,26 +524,42 @@ class Job:
                 todo.append((ref, key, rec, missing))
         computed: dict[tuple[str, str], list[ScoreValue]] = {}
         bs = self.suite.batch_size
-        bar = tqdm(total=len(todo), desc=f"score {self.method.name}", unit="edit", disable=not self.cfg.progress or not todo, leave=False)
-        for start in range(0, len(todo), bs):
-            chunk = todo[start : start + bs]
-            items = []
-            for ref, key, rec, _ in chunk:
-                sample = self.load_for_scoring(ref)
-                items.append(ScoringItem(sample=sample, edit=rec.image(), edit_mask=rec.mask()))
-            for entry in self.suite.edit_entries:
-                idx = [i for i, c in enumerate(chunk) if entry in c[3]]
-                if not idx:
-                    continue
-                results = self.suite.score(entry, [items[i] for i in idx])
-                for i, values in zip(idx, results):
-                    key = chunk[i][1]
-                    values = _with_decode_flag(values, _join_tokens([_decode_tokens(items[i].sample)]))
-                    computed[(key, entry.name)] = values
-                    if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
-                        self.store.put_scores(key, entry.hash, values)
-            bar.update(len(chunk))
-        bar.close()
+        # One step per (edit, metric): the bar moves as each metric finishes a batch of edits.
+        bar = _Progress(sum(len(t[3]) for t in todo), f"score {self.method.label()}", "score", self.cfg.progress)
+        try:
+            for start in range(0, len(todo), bs):
+                chunk = todo[start : start + bs]
+                items: list[ScoringItem | None] = []
+                for ref, key, rec, missing in chunk:
+                    try:
+                        items.append(ScoringItem(sample=self.load_for_scoring(ref), edit=rec.image(),
+                                                 edit_mask=rec.mask()))
+                    except Exception as e:  # an input gone or broken since the edit was made
+                        items.append(None)
+                        field = e.field if isinstance(e, SampleError) else "edit"
+                        message = str(e) if isinstance(e, SampleError) else (
+                            f"sample '{ref.id}', field 'edit': the stored edit cannot be read: {type(e).__name__}: {e}")
+                        for entry in missing:
+                            computed[(key, entry.name)] = self.suite.flagged_rows(entry, f"error:{type(e).__name__}:{field}")
+                            entry.errors.append({"sample_id": ref.id, "error": message,
+                                                 "traceback": traceback.format_exc()})
+                        log.warning("scoring %s: %s", ref.id, message)
+                        bar.update(len(missing))
+                for entry in self.suite.edit_entries:
+                    idx = [i for i, c in enumerate(chunk) if entry in c[3] and items[i] is not None]
+                    if not idx:
+                        continue
+                    bar.stage(entry.name)
+                    results = self.suite.score(entry, [items[i] for i in idx])
+                    for i, values in zip(idx, results):
+                        key = chunk[i][1]
+                        values = _with_decode_flag(values, _join_tokens([_decode_tokens(items[i].sample)]))
+                        computed[(key, entry.name)] = values
+                        if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
+                            self.store.put_scores(key, entry.hash, values)
+                    bar.update(len(idx))
+        finally:
+            bar.close(f"{len(todo)} edit{'' if len(todo) == 1 else 's'}")
         for _, key, _ in ok:
             for entry in self.suite.edit_entries:
                 scores[key].extend(computed.get((key, entry.name)) or cached_parts.get((key, entry.name)) or [])
@@ -479,14 +580,29 @@ class Job:
                 bs = self.suite.batch_size
                 differs: set[str] = set()  # the set's decode flags (not its images: a set may be large)
 
+                unreadable: list[str] = []  # error flags of edits left out (an input gone since editing)
+
                 def batches():
                     for start in range(0, len(ok), bs):
-                        batch = [ScoringItem(sample=self.load_for_scoring(ref), edit=rec.image(), edit_mask=rec.mask())
-                                 for ref, _, rec in ok[start : start + bs]]
+                        batch = []
+                        for ref, _, rec in ok[start : start + bs]:
+                            try:
+                                batch.append(ScoringItem(sample=self.load_for_scoring(ref), edit=rec.image(),
+                                                         edit_mask=rec.mask()))
+                            except Exception as e:
+                                field = e.field if isinstance(e, SampleError) else "edit"
+                                unreadable.append(f"error:{type(e).__name__}:{field}")
+                                entry.errors.append({"sample_id": ref.id, "error": str(e),
+                                                     "traceback": traceback.format_exc()})
                         differs.update(_decode_tokens(it.sample) for it in batch)
-                        yield batch
+                        if batch:
+                            yield batch
 
-                values = _with_decode_flag(self.suite.score_set(entry, batches()), _join_tokens(differs))
+                values = self.suite.score_set(entry, batches())
+                if unreadable:  # measured on fewer edits than the job has: flagged (first), not cached
+                    flag = ",".join(sorted(set(unreadable)))
+                    values = [dataclasses.replace(v, flag=f"{flag}; {v.flag}" if v.flag else flag) for v in values]
+                values = _with_decode_flag(values, _join_tokens(differs))
                 if not any(v.flag and (v.flag == "unavailable" or v.flag.startswith("error:")) for v in values):
                     self.store.put_set_scores(set_key, values)
             out.extend((set_key, v) for v in values)
@@ -520,6 +636,7 @@ class Job:
                 "status": m["status"],
                 "reason": m.get("reason"),
                 "flags": ",".join(m.get("flags") or []),
+                "notes": NOTES_SEP.join((m.get("info") or {}).get("input_notes") or []),
                 "prep_seconds": float(m.get("prep_seconds") or 0.0),
                 "infer_seconds": float(m.get("infer_seconds") or 0.0),
                 "peak_memory_bytes": float(peak) if peak is not None else math.nan,

@@ -30,7 +30,9 @@ SAMPLE_FIELDS = (
     "reference_mask",
 )
 
-# Edit categories known to the harness; datasets may use others, reports group by any string.
+# Edit categories known to the harness. A dataset's sample with another category is an error
+# (``edit-harness validate`` lists these); a generic dataset may declare more in its card
+# (``extra_categories: [...]``). The last four are PIE-Bench's editing types (harness.data.pie_bench).
 CATEGORIES = (
     "add",
     "remove",
@@ -41,17 +43,32 @@ CATEGORIES = (
     "move",
     "paste",
     "face_drag",
+    "random",
+    "change_content",
+    "change_pose",
+    "change_style",
 )
+
+#: Severities of a :class:`SampleError`: an ``error`` makes the sample unusable (a failed row in a
+#: run, and ``validate`` exits 1); a ``warning`` is reported by ``validate`` but the sample is used.
+LEVELS = ("error", "warning")
 
 
 class SampleError(ValueError):
-    """A sample cannot be used: names the sample and the field at fault."""
+    """A sample cannot be used (``level="error"``), or can but with a caveat ``validate`` reports
+    (``level="warning"``): names the sample and the field at fault."""
 
-    def __init__(self, sample_id: str, field: str, message: str):
+    def __init__(self, sample_id: str, field: str, message: str, level: str = "error"):
+        if level not in LEVELS:
+            raise ValueError(f"SampleError level must be one of {', '.join(LEVELS)}, got {level!r}")
         self.sample_id = sample_id
         self.field = field
         self.message = message
+        self.level = level
         super().__init__(f"sample '{sample_id}', field '{field}': {message}")
+
+    def __reduce__(self):  # picklable (joblib / submitit launchers) with its level
+        return (type(self), (self.sample_id, self.field, self.message, self.level))
 
 
 @dataclasses.dataclass

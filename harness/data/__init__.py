@@ -9,15 +9,16 @@ from . import generic  # noqa: F401  (registers "generic")
 from . import pie_bench, magicbrush  # noqa: F401  (register "pie_bench", "magicbrush")
 from .generic import GenericDataset, SampleRef
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from ..paths import RESOURCE_ROOT
 
 
 def resolve_root(root: str | Path) -> Path:
-    """A dataset root as given, else relative to the working directory, else to the repository."""
+    """A dataset root as given, else relative to the working directory, else to the harness's
+    resources (``datasets/sample`` is the embedded sample set wherever the harness is installed)."""
     p = Path(root).expanduser()
     if p.is_absolute() or p.exists():
         return p
-    alt = REPO_ROOT / p
+    alt = RESOURCE_ROOT / p
     return alt if alt.exists() else p
 
 

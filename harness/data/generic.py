@@ -15,6 +15,19 @@ path), and optionally ``target``, ``instruction``, ``source_caption``, ``target_
 
 Reading the manifest is cheap (no image is decoded); :meth:`GenericDataset.load` decodes one
 sample and checks it, raising :class:`SampleError` that names the sample and the field.
+
+File paths must be relative and stay inside the dataset folder: an absolute path, a ``..``
+component or a symbolic link that resolves outside makes the sample fail, naming the field,
+before any file is opened (not even to hash it for the cache key). A manifest line that is not
+valid UTF-8 or JSON fails as sample ``line<N>``; the other lines are used.
+
+Dataset parameters (the dataset config, ``dataset.<key>=...``, or else the card):
+``mask_rule`` (``binary`` (default): a mask with soft levels fails; ``threshold``: levels >
+``mask_threshold`` (default 127) are edited; ``nonzero``: every non-zero level is edited; each
+conversion is noted on the sample and reported by ``validate``), ``max_pixels`` (images and masks
+declaring more pixels are refused unread; default Pillow's limit, about 89.5 million) and
+``extra_categories`` (categories this dataset adds to :data:`harness.types.CATEGORIES`; any other
+category is an error naming the known ones).
 """
 from __future__ import annotations
 
@@ -26,15 +39,17 @@ import os
 import re
 import threading
 import time
-from pathlib import Path
+import traceback
+from pathlib import Path, PureWindowsPath
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 import yaml
 
-from ..images import DECODE_DIFFERS, decode_options, load_image, load_mask
+from ..images import (DECODE_DIFFERS, MASK_CONVERSIONS, check_mask_rule, check_max_pixels, decode_options,
+                      load_image, load_mask)
 from ..registry import DATASET_FORMATS
-from ..types import Sample, SampleError
+from ..types import CATEGORIES, Sample, SampleError
 
 ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 IMAGE_KEYS = ("source", "target", "reference")
@@ -114,11 +129,51 @@ def content_fingerprint(manifest_fingerprint: str, files: Mapping[str, Path]) ->
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_SEP = re.compile(r"[\\/]")
+
+
+def path_problem(rel: Any) -> str | None:
+    """Why a dataset's file field ``rel`` is not a safe relative path, or None: it must be a
+    non-empty string, not absolute (POSIX or Windows form), with no ``..`` component."""
+    if not isinstance(rel, str) or not rel:
+        return f"must be a relative file path, got {rel!r}"
+    if "\x00" in rel:
+        return "contains a NUL character"
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive:
+        return f"path {rel!r} is absolute; dataset paths must be relative to the dataset folder"
+    if ".." in _SEP.split(rel):
+        return f"path {rel!r} has a '..' component; dataset paths must stay inside the dataset folder"
+    return None
+
+
+def inside(root: Path, base: Path, rel: Any, sample_id: str, field: str, real_root: Path | None = None) -> Path:
+    """``base / rel`` checked to be a file path inside the dataset folder ``root``, without
+    opening anything (only the links on the way are read): ``rel`` must pass
+    :func:`path_problem`, and the path with its symbolic links resolved must lie under ``root``'s.
+    Raises SampleError naming the sample and the field (and only the relative path)."""
+    problem = path_problem(rel)
+    if problem:
+        raise SampleError(sample_id, field, problem)
+    path = base / rel
+    try:
+        real = path.resolve()
+        real_root = real_root or root.resolve()
+    except (OSError, RuntimeError) as e:  # a symbolic link loop
+        raise SampleError(sample_id, field, f"path {rel!r} cannot be resolved: {type(e).__name__}") from None
+    if not real.is_relative_to(real_root):
+        raise SampleError(sample_id, field, f"path {rel!r} resolves outside the dataset folder "
+                                            "(through a symbolic link); refused")
+    return path
+
+
 class DatasetLoader:
-    """What every format loader shares: iteration over ``refs()`` and the checks that its
-    folder and files exist (errors name the dataset and say what was expected)."""
+    """What every format loader shares: iteration over ``refs()``, the checks that its
+    folder and files exist (errors name the dataset and say what was expected), and
+    :meth:`validate`."""
 
     name: str
+    #: Whether the format carries edit categories (a sample without one is then a warning).
+    has_categories: bool = True
 
     def refs(self) -> list[SampleRef]:
         raise NotImplementedError
@@ -136,6 +191,42 @@ class DatasetLoader:
 
     def __iter__(self) -> Iterator[SampleRef]:
         return iter(self.refs())
+
+    def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
+        raise NotImplementedError
+
+    def validate(self) -> list[SampleError]:
+        """Decode every sample and return every problem found, errors and warnings
+        (``SampleError.level``); an empty list means valid. Nothing a sample holds stops the
+        check: an unexpected exception becomes an error naming the sample.
+
+        Warnings: each mask conversion the dataset's ``mask_rule`` made (field ``mask``), and
+        samples without a category (one warning listing them all) where the format has them."""
+        problems: list[SampleError] = []
+        no_category: list[str] = []
+        for ref in self.refs():
+            try:
+                sample = self.load(ref)
+            except SampleError as e:
+                problems.append(e)
+                continue
+            except Exception as e:  # a loader bug or an odd file must not end validation
+                last = traceback.extract_tb(e.__traceback__)[-1:]
+                where = f" (at {last[0].name})" if last else ""
+                problems.append(SampleError(ref.id, "?", f"{type(e).__name__}: {e}{where}"))
+                continue
+            for field, notes in (sample.meta.get(MASK_CONVERSIONS) or {}).items():
+                problems.append(SampleError(ref.id, field, "; ".join(notes), level="warning"))
+            if self.has_categories and sample.category is None:
+                no_category.append(ref.id)
+        if no_category:
+            shown = ", ".join(no_category[:10]) + (f", ... ({len(no_category) - 10} more)" if len(no_category) > 10 else "")
+            problems.append(SampleError(
+                no_category[0], "category",
+                f"{len(no_category)} sample(s) have no category ({shown}): every method whose required "
+                "fields they have edits them, and per-category tables group them under '-'",
+                level="warning"))
+        return problems
 
     def require_dir(self, folder: Path, expected: str = "") -> Path:
         if not folder.is_dir():
@@ -162,6 +253,10 @@ class GenericDataset(DatasetLoader):
         limit: int | None = None,
         shard: str | None = None,
         ids: list[str] | None = None,
+        mask_rule: str | None = None,
+        mask_threshold: int | None = None,
+        max_pixels: int | None = None,
+        extra_categories: list[str] | None = None,
         **card_extra: Any,
     ):
         self.root = Path(root)
@@ -173,6 +268,16 @@ class GenericDataset(DatasetLoader):
         self.manifest_path = self.root / (manifest or card.get("manifest", "manifest.jsonl"))
         self.require_file(self.manifest_path, "manifest")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
+        owner = f"dataset '{self.name}'"
+        self.mask_rule, self.mask_threshold = check_mask_rule(
+            mask_rule if mask_rule is not None else card.get("mask_rule"),
+            mask_threshold if mask_threshold is not None else card.get("mask_threshold"), owner)
+        self.max_pixels = check_max_pixels(max_pixels if max_pixels is not None else card.get("max_pixels"), owner)
+        extra = extra_categories if extra_categories is not None else card.get("extra_categories")
+        if extra is not None and (not isinstance(extra, (list, tuple)) or not all(isinstance(c, str) for c in extra)):
+            raise ValueError(f"{owner}: extra_categories must be a list of names, got {extra!r}")
+        self.categories = (*CATEGORIES, *(c for c in (extra or ()) if c not in CATEGORIES))
+        self._real_root = self.root.resolve()
 
     @staticmethod
     def read_card(root: Path) -> dict[str, Any]:
@@ -187,8 +292,15 @@ class GenericDataset(DatasetLoader):
         """All entries after id filter, shard and limit; bad entries come back with ``error`` set."""
         refs: list[SampleRef] = []
         seen: set[str] = set()
-        with open(self.manifest_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(self.manifest_path, "rb") as f:  # bytes: one line that is not UTF-8 fails alone
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    where = f"line{lineno}"
+                    refs.append(SampleRef(where, {}, where, error=SampleError(
+                        where, "manifest", f"line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})")))
+                    continue
                 if not line.strip():
                     continue
                 refs.append(self._parse_line(line, lineno, seen))
@@ -211,17 +323,32 @@ class GenericDataset(DatasetLoader):
             dup = f"{sid}@line{lineno}"
             return SampleRef(dup, record, fp, error=SampleError(dup, "id", f"duplicate id '{sid}' (again on line {lineno})"))
         seen.add(sid)
-        error = None
+        category = record.get("category")
+        return SampleRef(sid, record, fp, category if isinstance(category, str) else None, self._problem(sid, record))
+
+    def _problem(self, sid: str, record: dict[str, Any]) -> SampleError | None:
+        """The first problem of an entry that can be found without reading a file, or None."""
         unknown = sorted(set(record) - set(KNOWN_KEYS))
         if unknown:
-            error = SampleError(sid, unknown[0], f"unknown manifest key(s) {unknown}; known: {', '.join(KNOWN_KEYS)}")
-        elif "source" not in record:
-            error = SampleError(sid, "source", "missing (every sample needs a source image)")
+            return SampleError(sid, unknown[0], f"unknown manifest key(s) {unknown}; known: {', '.join(KNOWN_KEYS)}")
+        if "source" not in record:
+            return SampleError(sid, "source", "missing (every sample needs a source image)")
+        for key in (*IMAGE_KEYS, *MASK_KEYS):  # before anything opens (or hashes) a file
+            if record.get(key) is not None:
+                try:
+                    inside(self.root, self.root, record[key], sid, key, self._real_root)
+                except SampleError as e:
+                    return e
         category = record.get("category")
-        return SampleRef(sid, record, fp, category if isinstance(category, str) else None, error)
+        if category is not None and category not in self.categories:
+            return SampleError(sid, "category", f"unknown category {category!r}; known: {', '.join(self.categories)} "
+                                                "(a dataset may add its own: extra_categories: [...] in its card)")
+        return None
 
     def input_files(self, ref: SampleRef) -> dict[str, Path]:
         rec = ref.record if isinstance(ref.record, dict) else {}
+        if ref.error is not None:  # an unsafe path is never opened, not even to be hashed
+            return {}
         return {k: self.root / rec[k] for k in (*IMAGE_KEYS, *MASK_KEYS) if isinstance(rec.get(k), str) and rec[k]}
 
     # -- decoding -------------------------------------------------------------------------
@@ -242,16 +369,24 @@ class GenericDataset(DatasetLoader):
             if rec.get(key) is None:
                 images[key] = None
                 continue
-            images[key] = load_image(self._path(rec, sid, key), sid, key, notes, differs=differs, **opts)
+            images[key] = load_image(self._path(rec, sid, key), sid, key, notes, differs=differs,
+                                     shown=rec[key], max_pixels=self.max_pixels, **opts)
         masks: dict[str, np.ndarray | None] = {}
+        conversions: dict[str, list[str]] = {}
         for key, owner in MASK_KEYS.items():
             if rec.get(key) is None:
                 masks[key] = None
                 continue
             if images[owner] is None:
                 raise SampleError(sid, key, f"given without '{owner}'")
+            mask_notes: list[str] = []
             masks[key] = load_mask(self._path(rec, sid, key), sid, key, images[owner].shape[:2],
-                                   exif_orientation=opts["exif_orientation"])
+                                   exif_orientation=opts["exif_orientation"], rule=self.mask_rule,
+                                   threshold=self.mask_threshold, notes=mask_notes, shown=rec[key],
+                                   max_pixels=self.max_pixels)
+            if mask_notes:
+                conversions[key] = mask_notes
+                notes.extend(mask_notes)
         texts = {}
         for key in TEXT_KEYS:
             v = rec.get(key)
@@ -280,6 +415,8 @@ class GenericDataset(DatasetLoader):
             meta["input_notes"] = notes
         if differs:
             meta[DECODE_DIFFERS] = differs
+        if conversions:
+            meta[MASK_CONVERSIONS] = conversions
         return Sample(
             id=sid,
             dataset=self.name,
@@ -295,21 +432,8 @@ class GenericDataset(DatasetLoader):
         )
 
     def _path(self, rec: dict[str, Any], sid: str, key: str) -> Path:
-        v = rec[key]
-        if not isinstance(v, str) or not v:
-            raise SampleError(sid, key, f"must be a relative file path, got {v!r}")
-        return self.root / v
-
-    # -- validation -----------------------------------------------------------------------
-    def validate(self) -> list[SampleError]:
-        """Decode every sample; return all problems found (empty list = valid)."""
-        problems = []
-        for ref in self.refs():
-            try:
-                self.load(ref)
-            except SampleError as e:
-                problems.append(e)
-        return problems
+        # checked again right before the file is opened (the ref may be older than a new link)
+        return inside(self.root, self.root, rec[key], sid, key, self._real_root)
 
 
 def _points(rec: dict[str, Any], sid: str, key: str) -> np.ndarray | None:

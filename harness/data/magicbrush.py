@@ -53,6 +53,17 @@ image (white region)" marking the region to edit: hence ``auto``'s ``white`` fal
 ``white`` (grey level > 127 = edited, alpha ignored), ``black`` (grey level <= 127 = edited), or
 ``auto`` (default): ``transparent`` when the file has an alpha channel that is not fully opaque,
 else ``white``. The convention applied is recorded in ``meta["mask_convention"]``.
+A mask whose levels are not binary (anti-aliased edges) is read by ``mask_rule``
+(:data:`harness.images.MASK_RULES`); here the default is ``threshold`` at ``mask_threshold`` 127
+(alpha < 128, grey > 127 or <= 127 by the convention), the rule these conventions have always been
+documented with, since ``image_eval.py`` never reads the masks and refusing them would stop the
+official protocol. Each such conversion is noted on the sample (``input_notes``, the edits table's
+``notes``) and reported by ``validate``; ``mask_rule=binary`` refuses soft masks instead.
+
+Paths: the sessions file's ``input``, ``output`` and ``mask`` must be plain relative names that
+stay inside the dataset folder (an absolute path, ``..`` or a link leading out fails the turn,
+naming the field, before any file is opened). ``max_pixels`` is the size limit of
+:func:`harness.images.load_image`.
 """
 from __future__ import annotations
 
@@ -65,10 +76,11 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..images import DECODE_DIFFERS, decode_options, load_image
+from ..images import (DECODE_DIFFERS, MASK_CONVERSIONS, binarize_mask, check_mask_rule, check_max_pixels,
+                      decode_options, load_image, open_image)
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
+from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, inside, select_refs, subset_params
 
 log = logging.getLogger("edit_harness")
 
@@ -83,48 +95,54 @@ def sample_id(img_id: str, turn: int) -> str:
 
 
 def read_magicbrush_mask(
-    path: Path, sid: str, shape: tuple[int, int] | None, convention: str = "auto", exif_orientation: bool = True
+    path: Path, sid: str, shape: tuple[int, int] | None, convention: str = "auto", exif_orientation: bool = True,
+    *, rule: str = "threshold", threshold: int = 127, notes: list[str] | None = None, shown: str | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Read a MagicBrush mask file as bool HxW (True = edited) and the convention applied.
 
-    ``exif_orientation``: as for the turn's images (see :func:`harness.images.load_mask`)."""
+    ``exif_orientation``: as for the turn's images (see :func:`harness.images.load_mask`).
+    ``rule``/``threshold``: how levels that are not binary are read (noted in ``notes``)."""
     if convention not in MASK_CONVENTIONS:
         raise ValueError(f"mask_convention must be one of {', '.join(MASK_CONVENTIONS)}, got {convention!r}")
+    shown = path.name if shown is None else shown
+    notes = notes if notes is not None else []
     if not path.is_file():
-        raise SampleError(sid, "mask", f"file not found: {path}")
+        raise SampleError(sid, "mask", f"file not found: {shown}")
     try:
-        with Image.open(path) as img:
+        with open_image(path, sid, "mask", shown, max_pixels, what="mask") as img:
             img.load()
             if exif_orientation:
                 img = ImageOps.exif_transpose(img)
             has_alpha = img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
             alpha = np.asarray(img.convert("RGBA").getchannel("A")) if has_alpha else None
             grey = np.asarray(img.convert("RGB").convert("L"))
+    except SampleError:
+        raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise SampleError(sid, "mask", f"unreadable or truncated mask {path.name}: {e}") from None
+        raise SampleError(sid, "mask", f"unreadable or truncated mask {shown}: {e}".replace(str(path), shown)) from None
     applied = convention
     if convention == "auto":
         applied = "transparent" if alpha is not None and alpha.min() < 255 else "white"
-    if applied == "transparent":
-        if alpha is None:
-            raise SampleError(sid, "mask", f"mask {path.name} has no alpha channel (mask_convention=transparent)")
-        mask = alpha < 128
-    elif applied == "white":
-        mask = grey > 127
-    else:
-        mask = grey <= 127
-    if shape is not None and mask.shape != tuple(shape):
+    if applied == "transparent" and alpha is None:
+        raise SampleError(sid, "mask", f"mask {shown} has no alpha channel (mask_convention=transparent)")
+    levels = alpha if applied == "transparent" else grey
+    if shape is not None and levels.shape != tuple(shape):
         raise SampleError(
             sid,
             "mask",
-            f"mask {path.name} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image is {shape[1]}x{shape[0]}",
+            f"mask {shown} is {levels.shape[1]}x{levels.shape[0]} (WxH) but its image is {shape[1]}x{shape[0]}",
         )
+    # transparent: low alpha marks the edit; black: low grey; white: high grey
+    mask = binarize_mask(levels, 255, sid, "mask", shown, rule, threshold, notes, edited_high=applied == "white")
     return mask, applied
 
 
 @DATASET_FORMATS.register("magicbrush")
 class MagicBrushDataset(DatasetLoader):
     """Loader for the MagicBrush test set; see the module docstring for the two settings."""
+
+    has_categories = False  # MagicBrush has no edit categories: no warning for their absence
 
     def __init__(
         self,
@@ -140,6 +158,9 @@ class MagicBrushDataset(DatasetLoader):
         limit: int | None = None,
         shard: str | None = None,
         ids: list[str] | None = None,
+        mask_rule: str | None = "threshold",
+        mask_threshold: int | None = None,
+        max_pixels: int | None = None,
         **card_extra: Any,
     ):
         self.name = str(name or "magicbrush")
@@ -152,6 +173,10 @@ class MagicBrushDataset(DatasetLoader):
             )
         self.setting = setting
         self.mask_convention = mask_convention
+        owner = f"dataset '{self.name}'"
+        self.mask_rule, self.mask_threshold = check_mask_rule(
+            "threshold" if mask_rule is None else mask_rule, mask_threshold, owner)
+        self.max_pixels = check_max_pixels(max_pixels, owner)
         self.root = self.require_dir(Path(root), f"MagicBrush's test folder with {sessions_file} and {images_dir}/")
         self.sessions_path = self.require_file(self.root / sessions_file, "edit sessions file")
         self.caption_paths: dict[str, Path | None] = {}
@@ -163,7 +188,9 @@ class MagicBrushDataset(DatasetLoader):
                     f"(set dataset.{kind}_captions=null to load without it)"
                 )
             self.caption_paths[kind] = path
+        self.images_dir = images_dir
         self.images_root = self.root / images_dir
+        self._real_root = self.root.resolve()
         self.version = str(version if version is not None else "1")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
         self._sessions: list[tuple[str, list[SampleRef]]] | None = None
@@ -173,8 +200,8 @@ class MagicBrushDataset(DatasetLoader):
         try:
             with open(path, encoding="utf-8") as f:
                 return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"dataset '{self.name}': {path} is not valid JSON: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a whole-file problem: no sample is usable
+            raise ValueError(f"dataset '{self.name}': {path.name} is not valid UTF-8 JSON: {e}") from None
 
     def _read_sessions(self) -> list[tuple[str, list[SampleRef]]]:
         """Every session in file order, each with its turns' refs in turn order (unfiltered)."""
@@ -207,8 +234,8 @@ class MagicBrushDataset(DatasetLoader):
     def _turn_ref(self, img_id: str, t: int, entry: Any, n_turns: int, captions: dict[str, Any]) -> SampleRef:
         sid = sample_id(img_id, t)
         record: dict[str, Any] = {"setting": self.setting, "session": img_id, "turn": t, "turns": n_turns}
-        if not ID_RE.match(img_id):
-            err = SampleError(sid, "session", f"img_id {img_id!r} must use letters, digits, _ . -")
+        if not ID_RE.match(img_id) or img_id in (".", ".."):
+            err = SampleError(sid, "session", f"img_id {img_id!r} must use letters, digits, _ . - (and not be . or ..)")
             return SampleRef(sid, record, sid, error=err)
         if not isinstance(entry, dict):
             return SampleRef(sid, record, sid, error=SampleError(sid, "turn", "entry is not a JSON object"))
@@ -218,6 +245,11 @@ class MagicBrushDataset(DatasetLoader):
                 err = SampleError(sid, key, f"turn {t} of session '{img_id}': missing or not a non-empty string: {v!r}")
                 return SampleRef(sid, {**record, **entry}, sid, error=err)
             record[key] = v
+        for key in ("input", "output", "mask"):  # before anything opens (or hashes) a file
+            try:
+                inside(self.root, self.images_root / img_id, record[key], sid, key, self._real_root)
+            except SampleError as e:
+                return SampleRef(sid, record, sid, error=e)
         record["target_caption"] = _caption(captions["local"], img_id, record["output"])
         record["source_caption"] = _caption(captions["global"], img_id, record["input"])
         record["target_global_caption"] = _caption(captions["global"], img_id, record["output"])
@@ -263,7 +295,7 @@ class MagicBrushDataset(DatasetLoader):
     def input_files(self, ref: SampleRef) -> dict[str, Path]:
         rec = ref.record if isinstance(ref.record, dict) else {}
         session = rec.get("session")
-        if not isinstance(session, str):
+        if not isinstance(session, str) or ref.error is not None:  # unsafe paths are never hashed
             return {}
         return {field: self.images_root / session / rec[key]
                 for field, key in (("source", "input"), ("target", "output"), ("mask", "mask"))
@@ -282,10 +314,17 @@ class MagicBrushDataset(DatasetLoader):
         folder = self.images_root / rec["session"]
         notes: list[str] = []
         differs: dict[str, list[str]] = {}
-        source = load_image(folder / rec["input"], sid, "source", notes, differs=differs, **opts)
-        target = load_image(folder / rec["output"], sid, "target", notes, differs=differs, **opts)
-        mask, applied = read_magicbrush_mask(folder / rec["mask"], sid, source.shape[:2], self.mask_convention,
-                                             exif_orientation=opts["exif_orientation"])
+        path = {k: inside(self.root, folder, rec[k], sid, k, self._real_root) for k in ("input", "output", "mask")}
+        shown = {k: f"{self.images_dir}/{rec['session']}/{rec[k]}" for k in path}
+        kw = dict(differs=differs, max_pixels=self.max_pixels, **opts)
+        source = load_image(path["input"], sid, "source", notes, shown=shown["input"], **kw)
+        target = load_image(path["output"], sid, "target", notes, shown=shown["output"], **kw)
+        mask_notes: list[str] = []
+        mask, applied = read_magicbrush_mask(path["mask"], sid, source.shape[:2], self.mask_convention,
+                                             exif_orientation=opts["exif_orientation"], rule=self.mask_rule,
+                                             threshold=self.mask_threshold, notes=mask_notes, shown=shown["mask"],
+                                             max_pixels=self.max_pixels)
+        notes.extend(mask_notes)
         for field, kind, image in (("target_caption", "local", "output"), ("source_caption", "global", "input")):
             path = self.caption_paths[kind]
             if path is not None and rec.get(field) is None:
@@ -309,6 +348,8 @@ class MagicBrushDataset(DatasetLoader):
             meta["input_notes"] = notes
         if differs:
             meta[DECODE_DIFFERS] = differs
+        if mask_notes:
+            meta[MASK_CONVERSIONS] = {"mask": mask_notes}
         return Sample(
             id=sid,
             dataset=self.name,
@@ -347,17 +388,6 @@ class MagicBrushDataset(DatasetLoader):
                 f"{edit.shape[1]}x{edit.shape[0]}",
             ]
         return dataclasses.replace(sample, source=np.ascontiguousarray(edit), mask=mask, meta=meta)
-
-    # -- validation -----------------------------------------------------------------------
-    def validate(self) -> list[SampleError]:
-        """Decode every turn; return all problems found (empty list = valid)."""
-        problems = []
-        for ref in self.refs():
-            try:
-                self.load(ref)
-            except SampleError as e:
-                problems.append(e)
-        return problems
 
 
 def _caption(table: dict[str, Any] | None, img_id: str, filename: str) -> str | None:

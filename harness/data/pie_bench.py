@@ -45,10 +45,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..images import DECODE_DIFFERS, decode_options, load_image
+from ..images import DECODE_DIFFERS, check_max_pixels, decode_options, load_image
 from ..registry import DATASET_FORMATS
 from ..types import Sample, SampleError
-from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
+from .generic import ID_RE, DatasetLoader, SampleRef, _fingerprint, inside, select_refs, subset_params
 
 #: The benchmark's mask resolution: every RLE is over a flattened 512x512 image.
 PIE_SHAPE = (512, 512)
@@ -160,12 +160,16 @@ class PieBenchDataset(DatasetLoader):
         shard: str | None = None,
         ids: list[str] | None = None,
         editing_types: list[str | int] | None = None,
+        max_pixels: int | None = None,
         **card_extra: Any,
     ):
         self.name = str(name or "pie_bench")
         self.root = self.require_dir(Path(root), f"PIE-Bench's data folder with {mapping_file} and {images_dir}/")
         self.mapping_path = self.require_file(self.root / mapping_file, "mapping file")
+        self.images_dir = images_dir
         self.images_root = self.root / images_dir
+        self._real_root = self.root.resolve()
+        self.max_pixels = check_max_pixels(max_pixels, f"dataset '{self.name}'")
         self.version = str(version if version is not None else "1")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
         self.editing_types = None
@@ -185,8 +189,8 @@ class PieBenchDataset(DatasetLoader):
             try:
                 with open(self.mapping_path, encoding="utf-8") as f:
                     data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"dataset '{self.name}': {self.mapping_path} is not valid JSON: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:  # a whole-file problem: no sample is usable
+                raise ValueError(f"dataset '{self.name}': {self.mapping_path.name} is not valid UTF-8 JSON: {e}") from None
             if not isinstance(data, dict):
                 raise ValueError(
                     f"dataset '{self.name}': {self.mapping_path} must hold a JSON object keyed by image id, "
@@ -232,6 +236,10 @@ class PieBenchDataset(DatasetLoader):
             return SampleError(
                 key, "editing_type_id", f"unknown editing type {type_id!r}; known: {', '.join(EDITING_TYPES)}"
             )
+        try:  # before anything opens (or hashes) the image
+            inside(self.root, self.images_root, rec["image_path"], key, "image_path", self._real_root)
+        except SampleError as e:
+            return e
         if "mask" not in rec:
             return SampleError(key, "mask", "missing (PIE-Bench annotations carry an RLE mask)")
         problem = rle_problem(rec["mask"], PIE_SHAPE)
@@ -242,6 +250,8 @@ class PieBenchDataset(DatasetLoader):
     def input_files(self, ref: SampleRef) -> dict[str, Path]:
         # the mask is an RLE inside the annotation, part of the manifest fingerprint
         path = ref.record.get("image_path") if isinstance(ref.record, dict) else None
+        if ref.error is not None:  # an unsafe path is never opened, not even to be hashed
+            return {}
         return {"source": self.images_root / path} if isinstance(path, str) and path else {}
 
     # -- decoding -------------------------------------------------------------------------
@@ -256,7 +266,9 @@ class PieBenchDataset(DatasetLoader):
         rec, sid = ref.record, ref.id
         notes: list[str] = []
         differs: dict[str, list[str]] = {}
-        source = load_image(self.images_root / rec["image_path"], sid, "source", notes, differs=differs, **opts)
+        path = inside(self.root, self.images_root, rec["image_path"], sid, "image_path", self._real_root)
+        source = load_image(path, sid, "source", notes, differs=differs, shown=f"{self.images_dir}/{rec['image_path']}",
+                            max_pixels=self.max_pixels, **opts)
         if source.shape[:2] != PIE_SHAPE:
             raise SampleError(
                 sid,
@@ -288,14 +300,3 @@ class PieBenchDataset(DatasetLoader):
             category=EDITING_TYPES[type_id][0],
             meta=meta,
         )
-
-    # -- validation -----------------------------------------------------------------------
-    def validate(self) -> list[SampleError]:
-        """Decode every sample; return all problems found (empty list = valid)."""
-        problems = []
-        for ref in self.refs():
-            try:
-                self.load(ref)
-            except SampleError as e:
-                problems.append(e)
-        return problems
