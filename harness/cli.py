@@ -6,22 +6,36 @@
   edit-harness validate DATASET           check a dataset (config name or folder)
   edit-harness weights [PROTOCOL...]      which metric (and method) weights are present, how to provide the rest
   edit-harness list                       methods, datasets, metrics, protocols, experiments
+
+`edit-harness COMMAND --help` (or `edit-harness help COMMAND`) describes each command.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
 import logging
+import os
+import re
 import sys
+import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from .paths import CONF_DIR, config_file, group_options
 from .registry import UnknownNameError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO_ROOT / "conf"
 log = logging.getLogger("edit_harness")
 
 USAGE = __doc__ or ""
+
+#: Set by ``run -m`` in the environment of each job of a sweep (``hydra.job.env_set``): how
+#: many jobs the sweep has, which override keys vary between them, and when it started.
+SWEEP_JOBS_ENV = "EDIT_HARNESS_SWEEP_JOBS"
+SWEEP_KEYS_ENV = "EDIT_HARNESS_SWEEP_KEYS"
+SWEEP_START_ENV = "EDIT_HARNESS_SWEEP_START"
 
 
 class UsageError(Exception):
@@ -29,7 +43,7 @@ class UsageError(Exception):
 
 
 def _group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    return group_options(group)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -39,10 +53,65 @@ def _load_yaml(path: Path) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
+def _config(group: str, name: str) -> dict[str, Any]:
+    """A group option's YAML (the harness's own or a plugin package's), read as plain YAML."""
+    path = config_file(group, name)
+    if path is None:
+        raise UsageError(f"unknown {group} '{name}'; available: {', '.join(_group_options(group))}")
+    return _load_yaml(path)
+
+
+def _did_you_mean(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _listing(items: Sequence[str], most: int = 30) -> str:
+    """Items joined by commas; a long list is cut, saying how many there are."""
+    items = [str(i) for i in items]
+    if len(items) <= most:
+        return ", ".join(items)
+    return ", ".join(items[:most]) + f", ... ({len(items)} in all)"
+
+
+def _hydra_quote(value: str) -> str:
+    """``value`` as a quoted Hydra override value, read back verbatim (spaces, commas, '=' and
+    quotes in a path). Hydra's grammar: inside quotes a quote is escaped by a backslash, and
+    backslashes are escaped only where they precede a quote or end the string."""
+    value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, str(value))
+    return "'" + value.replace("'", "\\'") + "'"
+
+
 # ----------------------------------------------------------------------------------------------
 # run
 # ----------------------------------------------------------------------------------------------
 GROUPS = ("method", "dataset", "metrics", "experiment")
+#: Hydra's command-line flags that take a value (the next argument); ``--info`` takes one optionally.
+_HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                      "--config-dir", "-cd", "--experimental-rerun"}
+_HYDRA_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def _split_flags(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Hydra flags (with their values) and overrides: Hydra's parser wants flags first, the
+    harness takes them anywhere."""
+    flags: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("-"):
+            flags.append(a)
+            takes = a in _HYDRA_VALUE_FLAGS or (a in ("--info", "-i") and i + 1 < len(args)
+                                                and args[i + 1] in _HYDRA_INFO_VALUES)
+            if takes and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            rest.append(a)
+        i += 1
+    return flags, rest
 
 
 def _choices(override, options: list[str]) -> list[str]:
@@ -61,7 +130,7 @@ def _choices(override, options: list[str]) -> list[str]:
 
 def _experiment_methods(name: str, parser) -> list[str] | None:
     """The methods an experiment runs (its sweep's ``method``, or its ``override /method``)."""
-    cfg = _load_yaml(CONF_DIR / "experiment" / f"{name}.yaml")
+    cfg = _config("experiment", name)
     sweep = ((cfg.get("hydra") or {}).get("sweeper") or {}).get("params") or {}
     if sweep.get("method") is not None:
         return _choices(parser.parse_override(f"method={sweep['method']}"), _group_options("method"))
@@ -79,7 +148,8 @@ def precheck(overrides: Sequence[str]) -> None:
     Hydra would also reject these, but without listing a method's parameters. Overrides are read
     with Hydra's own parser, so every form Hydra takes is checked alike: ``key=v``, ``+key=v``,
     ``++key=v``, ``~key``, sweeps (``a,b``, ``choice()``, ``range()``, ``glob()``). A token
-    Hydra cannot parse is left to Hydra, which names the error.
+    Hydra cannot parse is left to Hydra, which names the error. Values are checked by
+    :func:`check_jobs`, which composes every job's configuration.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -103,7 +173,7 @@ def precheck(overrides: Sequence[str]) -> None:
             choices = _choices(o, options)
             for c in choices:
                 if c not in options:
-                    raise UsageError(f"unknown {key} '{c}'; available: {', '.join(options)}")
+                    raise UsageError(f"unknown {key} '{c}'{_did_you_mean(c, options)}; available: {', '.join(options)}")
             if choices:
                 chosen[key] = choices
         elif key.startswith("method."):
@@ -120,10 +190,388 @@ def precheck(overrides: Sequence[str]) -> None:
         unknown = [p for p in dict.fromkeys(params) if p not in cls.param_names() and p != "name"]
         if unknown:
             listing = ", ".join(cls.param_names()) or "(none)"
-            raise UsageError(f"method '{name}' has no parameter(s) {', '.join(unknown)}; its parameters: {listing}")
+            hint = _did_you_mean(unknown[0], cls.param_names()) if len(unknown) == 1 else ""
+            raise UsageError(f"method '{name}' has no parameter(s) {', '.join(unknown)}{hint}; its parameters: {listing}")
 
 
-def _hydra_run(overrides: list[str]) -> int:
+# -- every job's configuration, checked before the first job runs -------------------------------
+#: Keys ``open_dataset`` takes from a dataset config besides the loader's own parameters.
+_DATASET_CARD_KEYS = ("format", "license", "description", "source", "how_to_obtain")
+
+
+@dataclasses.dataclass
+class Jobs:
+    """The jobs a ``run`` command line makes (one, or a sweep's), each checked."""
+
+    #: each job's overrides, as Hydra's basic sweeper makes them
+    points: list[list[str]]
+    #: each job's resolved configuration (without the ``hydra`` node)
+    configs: list[dict[str, Any]]
+    #: the override keys whose value differs between jobs, in command-line order
+    swept: list[str]
+    #: whether Hydra runs them as a multirun (-m, or the configuration's hydra.mode)
+    multirun: bool = False
+
+    def label(self, i: int) -> str:
+        """What tells job ``i`` from the others: its values of the swept keys."""
+        return " ".join(o for o in self.points[i] if _override_key(o) in self.swept)
+
+
+def _override_key(text: str) -> str:
+    return text.split("=", 1)[0].lstrip("+~")
+
+
+def _dataset_keys(fmt: str, yaml_keys: Iterable[str], shown: bool = False) -> list[str]:
+    """The keys a dataset config of format ``fmt`` may hold: its loader's named parameters, the
+    card keys ``open_dataset`` reads, and the keys its YAML has. ``shown``: the ones worth
+    listing in a message (the card's descriptive keys left out)."""
+    import inspect
+
+    from .data import DATASET_FORMATS
+
+    keys = set(yaml_keys) | {"format"}
+    try:
+        loader = DATASET_FORMATS.get(fmt)
+        keys |= {p.name for p in inspect.signature(loader).parameters.values()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    except UnknownNameError:
+        pass
+    return sorted(keys - set(_DATASET_CARD_KEYS) | ({"format"} if shown else set(_DATASET_CARD_KEYS)))
+
+
+def _unknown_key(cfg, key: str) -> str | None:
+    """The message for a ``key=value`` override whose key the composed config lacks, else None."""
+    from omegaconf import DictConfig
+
+    node, parts = cfg, key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return None  # a list index or a leaf: Hydra says what is wrong
+        if part not in node:
+            where = ".".join(parts[:depth])
+            options = [str(k) for k in node.keys()]
+            if where == "dataset":
+                options = _dataset_keys(str(node.get("format", "generic")), options, shown=True)
+                owner = f"dataset '{node.get('name', '?')}'"
+            else:
+                options = [o for o in options if o != "hydra"]
+                owner = f"'{where}'" if where else "the configuration"
+            close = difflib.get_close_matches(part, options, n=3, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(repr('.'.join([*parts[:depth], c])) for c in close)}?)" if close else ""
+            return (f"unknown key '{key}'{hint}; {owner} has: {', '.join(options) or 'no keys'}"
+                    + ("" if where in ("", "dataset") else f" (add a new key with +{key}=...)"))
+        node = node[part]
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (Hydra and OmegaConf write several), with its cause's."""
+    text = " ".join(str(e).split())
+    cause = e.__cause__
+    if cause is not None and str(cause) not in ("", "None") and str(cause).split("\n")[0] not in text:
+        text += f": {str(cause).splitlines()[0]}"
+    return text
+
+
+def check_dataset(cfg: Mapping[str, Any], yaml_keys: Iterable[str] = ()) -> None:
+    """A job's resolved dataset config: every key known to its loader, the subset parameters of
+    the right type, the dataset openable and every id in ``ids`` present. UsageError otherwise,
+    listing what exists."""
+    from .data import open_dataset
+
+    cfg = dict(cfg)
+    fmt = str(cfg.get("format", "generic"))
+    name = cfg.get("name") or fmt
+    known = _dataset_keys(fmt, yaml_keys)
+    for k in cfg:
+        if k not in known:
+            shown = _dataset_keys(fmt, yaml_keys, shown=True)
+            raise UsageError(f"dataset '{name}' has no key '{k}'{_did_you_mean(k, shown)}; its keys: {', '.join(shown)}")
+    limit = cfg.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise UsageError(f"dataset.limit must be a whole number >= 1 (or null: every sample), got {limit!r}")
+    ids = cfg.get("ids")
+    if ids is not None and not isinstance(ids, (list, tuple)):
+        raise UsageError(f"dataset.ids must be a list of sample ids, e.g. dataset.ids=[a,b], got {ids!r}")
+    try:
+        ds = open_dataset(cfg)
+        ds.refs()
+        return
+    except UnknownNameError as e:
+        raise UsageError(str(e)) from None
+    except KeyError as e:
+        if not ids:
+            raise UsageError(f"dataset '{name}': {e.args[0] if e.args else e}") from None
+        problem = str(e.args[0] if e.args else e)
+    except (FileNotFoundError, NotADirectoryError, ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    # An id in ``ids`` the loader does not have: list the ones it has, the closest first.
+    everything = open_dataset({**cfg, "ids": None, "limit": None, "shard": None}).refs()
+    have = [r.id for r in everything]
+    missing = [i for i in ids if str(i) not in set(have)]
+    if not missing:  # ids of another kind (MagicBrush session ids): the loader's message
+        raise UsageError(problem)
+    parts = []
+    for i in missing:
+        quoted = " (ids are strings: quote it)" if not isinstance(i, str) else ""
+        parts.append(f"'{i}'{quoted}{_did_you_mean(str(i), have)}")
+    raise UsageError(f"dataset '{name}' has no sample {', '.join(parts)}; its {len(have)} sample ids: {_listing(have)}")
+
+
+def _check_job(cfg: Mapping[str, Any], dataset_yaml_keys: list[str], cache: dict[str, str | None]) -> None:
+    """A resolved job configuration: its method's parameters, dataset and metrics protocol."""
+    from .method import ParamError
+    from .runner import build_method
+
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be a whole number, got {seed!r}")
+    try:
+        build_method(cfg.get("method") or {})
+    except UnknownNameError as e:
+        raise UsageError(str(e)) from None
+    except (ParamError, ValueError, TypeError, KeyError) as e:
+        raise UsageError(str(e.args[0] if isinstance(e, KeyError) and e.args else e)) from None
+
+    def once(what: str, check) -> None:
+        # datasets and protocols are checked once per distinct configuration
+        if what not in cache:
+            try:
+                check()
+                cache[what] = None
+            except UsageError as e:
+                cache[what] = str(e)
+        if cache[what]:
+            raise UsageError(cache[what])
+
+    dataset = dict(cfg.get("dataset") or {})
+    once("dataset:" + json.dumps(dataset, sort_keys=True, default=str), lambda: check_dataset(dataset, dataset_yaml_keys))
+    if cfg.get("score", True):
+        metrics = cfg.get("metrics") or {}
+
+        def check_metrics() -> None:
+            from .scoring import MetricSuite
+
+            try:
+                MetricSuite(metrics)
+            except UnknownNameError as e:
+                raise UsageError(str(e)) from None
+            except (ValueError, TypeError, KeyError) as e:
+                raise UsageError(f"metrics protocol '{metrics.get('protocol', '?')}': {e}") from None
+
+        once("metrics:" + json.dumps(metrics, sort_keys=True, default=str), check_metrics)
+
+
+def check_jobs(overrides: Sequence[str], multirun: bool) -> Jobs | None:
+    """Compose and check the configuration of every job ``run`` would launch, before any runs.
+
+    The jobs are made as Hydra's basic sweeper makes them (an experiment's
+    ``hydra.sweeper.params`` first, then the command line; every combination of the sweeps),
+    and each is composed with Hydra's own config loader. A key the configuration lacks, a
+    value a method, dataset or protocol refuses, an id ``dataset.ids`` names that the dataset
+    does not have: a UsageError naming the job and listing what exists, so that a sweep never
+    fails at its tenth job on a value its command line held from the start.
+
+    Composing each job the way Hydra does costs about 0.1 s a job, so jobs that share their
+    config group choices share one composition (Hydra applies value overrides after composing
+    the groups, with ``ConfigLoaderImpl._apply_overrides_to_config``; so does this check).
+    Returns None where the jobs cannot be known beforehand (a sweeper other than the basic one).
+    """
+    from hydra import initialize_config_dir
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="edit_harness"):
+        loader = GlobalHydra.instance().config_loader()
+        parser = OverridesParser.create(config_loader=loader)
+        parsed = []
+        for text in overrides:
+            try:
+                parsed.append(parser.parse_override(text))
+            except HydraException as e:
+                raise UsageError(f"cannot read override '{text}': {_one_line(e)}") from None
+
+        def is_group(o) -> bool:
+            return o.package is not None or loader.repository.group_exists(o.key_or_group)
+
+        # The sweep's settings (an experiment's hydra.mode and sweeper params, another sweeper)
+        # are in the Hydra config that the command line's fixed choices compose to.
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override() and (is_group(o) or o.is_hydra_override())]
+        try:
+            master = loader.load_configuration("config", fixed, run_mode=RunMode.MULTIRUN)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise UsageError(_one_line(e)) from None
+        multirun = multirun or OmegaConf.select(master, "hydra.mode") == RunMode.MULTIRUN
+        if not multirun:
+            for o in parsed:
+                if o.is_sweep_override():
+                    raise UsageError(f"'{o.input_line}' is a sweep: add -m to run one job per value "
+                                     f"(or write a list as key=[a,b], a string as key='a,b')")
+            points = [overrides]
+        else:
+            sweeper = OmegaConf.select(master, "hydra.sweeper._target_") or ""
+            if not sweeper.endswith("BasicSweeper"):
+                return None
+            params = OmegaConf.select(master, "hydra.sweeper.params") or {}
+            try:
+                grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+                points = BasicSweeper.split_arguments(grid, None)[0]
+            except HydraException as e:
+                raise UsageError(_one_line(e)) from None
+        values: dict[str, set[str]] = {}
+        for p in points:
+            for o in p:
+                values.setdefault(_override_key(o), set()).add(o)
+        swept = [k for k, v in values.items() if len(v) > 1]
+        jobs = Jobs(points=[list(p) for p in points], configs=[], swept=swept, multirun=multirun)
+
+        composed: dict[tuple[str, ...], Any] = {}
+        if not any(o.is_hydra_override() for o in parsed if o.input_line in fixed):
+            composed[tuple(fixed)] = _job_part(master)  # the groups of a job with no swept group
+        cache: dict[str, str | None] = {}
+        errors: dict[str, list[int]] = {}
+        for i, point in enumerate(jobs.points):
+            try:
+                jobs.configs.append(_compose_job(loader, parser, point, composed, is_group, ConfigLoaderImpl, cache))
+            except UsageError as e:
+                errors.setdefault(str(e), []).append(i)
+                jobs.configs.append({})
+    if errors:
+        lines = []
+        for message, where in errors.items():
+            if len(jobs.points) == 1:
+                lines.append(message)
+                continue
+            first = where[0]
+            more = f" and {len(where) - 1} more" if len(where) > 1 else ""
+            lines.append(f"job {first + 1} of {len(jobs.points)} ({jobs.label(first) or 'the sweep'}){more}: {message}")
+        raise UsageError("\n".join(lines))
+    return jobs
+
+
+def _job_part(cfg):
+    """A composed config without its ``hydra`` node (most of it, and copied for each job)."""
+    from omegaconf import OmegaConf
+
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    OmegaConf.set_struct(job, True)
+    return job
+
+
+def _compose_job(loader, parser, point: list[str], composed: dict, is_group, impl, cache: dict) -> dict[str, Any]:
+    """One job's configuration: its groups composed (shared between jobs), its values applied."""
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = parser.parse_overrides(point)
+    except HydraException as e:
+        raise UsageError(_one_line(e)) from None
+    groups = tuple(o.input_line for o in parsed if is_group(o) and not o.is_hydra_override())
+    values = [o for o in parsed if not is_group(o) and not o.is_hydra_override()]
+    if groups not in composed:
+        try:
+            composed[groups] = _job_part(loader.load_configuration("config", list(groups), run_mode=RunMode.RUN))
+        except (HydraException, OmegaConfBaseException) as e:
+            composed[groups] = UsageError(_one_line(e))
+    base = composed[groups]
+    if isinstance(base, UsageError):
+        raise base
+    dataset_yaml_keys = [str(k) for k in (base.get("dataset") or {}).keys()]
+    cfg = base.copy()
+    for o in values:
+        if not (o.is_add() or o.is_force_add() or o.is_delete()):
+            problem = _unknown_key(cfg, o.key_or_group)
+            if problem:
+                raise UsageError(problem)
+        try:
+            impl._apply_overrides_to_config([o], cfg)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise UsageError(_one_line(e)) from None
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        if "hydra" in str(e):  # ${hydra:...} is only known inside a running job
+            return OmegaConf.to_container(cfg, resolve=False)
+        raise UsageError(_one_line(e)) from None
+    _check_job(resolved, dataset_yaml_keys, cache)
+    return resolved
+
+
+RUN_HELP = """\
+usage: edit-harness run [-m] [GROUP=OPTION ...] [KEY=VALUE ...]
+
+Run one job, or with -m (Hydra multirun) a sweep: one job per combination of the values given
+as a,b,c or range(start,stop,step), choice(...) or glob(...). A job is one method with one
+parameter point on one dataset, scored by one metrics protocol. Jobs of a run share the folder
+{results}/<run_name>/: edits/ (the edit cache: a rerun computes only what is missing),
+jobs/<method>-<dataset>-<hash>/ (scores.parquet, edits.parquet, manifest.json, failures.json)
+and report/ (tables and plots, rebuilt at the end). Every job's configuration is checked before
+the first one runs.
+
+config groups (GROUP=OPTION):
+{groups}
+
+method parameters (method.NAME=VALUE; `edit-harness list` lists every method's):
+{params}
+
+dataset keys: dataset.limit=N (first N samples), dataset.shard=i/n (every n-th from i),
+  dataset.ids=[a,b] (these samples), dataset.root=PATH (the dataset's folder)
+other keys (KEY=VALUE): {keys}
+
+examples:
+  edit-harness run method=inpaint dataset.limit=4 metrics=pixel
+  edit-harness run method=inpaint method.algorithm=ns method.radius=5
+  edit-harness run -m method=inpaint,recolor dataset.limit=4 run_name=try
+  edit-harness run -m method=recolor method.strength=0,0.5,1
+  edit-harness run -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=identity,inpaint
+  edit-harness run experiment=default
+
+Hydra's own options (--cfg job, --info, ...): edit-harness run --hydra-help
+"""
+
+
+def run_help() -> str:
+    """``edit-harness run --help``: what a job is, the groups, their options, examples."""
+    import textwrap
+
+    from .registry import METHODS
+    import methods  # noqa: F401  (registers every method)
+
+    def wrapped(head: str, items: Sequence[str], width: int) -> str:
+        return textwrap.fill(", ".join(items) or "(none)", width=100, initial_indent=f"  {head:<{width}} ",
+                             subsequent_indent=" " * (width + 3), break_on_hyphens=False)
+
+    groups = "\n".join(wrapped(g + ":", _group_options(g), 11) for g in GROUPS)
+    names = [n for n in METHODS.names() if config_file("method", n) is not None]
+    # The diffusion adapters share their loading parameters (DiffusionMethod): listed once.
+    loaders = [set(METHODS.get(n).param_names()) for n in names if "backbone" in METHODS.get(n).param_names()]
+    shared = set.intersection(*loaders) if loaders else set()
+    lines = []
+    width = max(len(n) for n in names) + 1
+    for n in names:
+        own = METHODS.get(n).param_names()
+        mine = [p for p in own if p not in shared] + (["+diffusion"] if shared <= set(own) and shared else [])
+        lines.append(wrapped(n + ":", mine, width))
+    if shared:
+        first = next(n for n in names if shared <= set(METHODS.get(n).param_names()))
+        lines.append(wrapped("+diffusion:", [p for p in METHODS.get(first).param_names() if p in shared], width))
+    top = _load_yaml(CONF_DIR / "config.yaml")
+    keys = ", ".join(k for k in top if k not in ("defaults", "hydra"))
+    return RUN_HELP.format(results=top.get("results_dir", "results"), groups=groups, params="\n".join(lines),
+                           keys=keys)
+
+
+def _hydra_run(overrides: list[str], jobs: Jobs | None = None) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -134,23 +582,60 @@ def _hydra_run(overrides: list[str]) -> int:
         from .method import ParamError
         from .runner import Job, JobConfig
 
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            _announce_job(hc.job.num, list(hc.overrides.task), cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         try:
             job = Job(JobConfig.from_mapping(resolved))
         except (UnknownNameError, ParamError, ValueError, FileNotFoundError, KeyError) as e:
-            log.error("%s", e)
-            print(f"edit-harness: {e}", file=sys.stderr)
+            # checked before Hydra started (check_jobs); printed once, without a traceback
+            print(f"edit-harness: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
             raise SystemExit(2) from None
         job.run(resolved)
-        if cfg.report and HydraConfig.get().mode != RunMode.MULTIRUN:
+        if cfg.report and hc.mode != RunMode.MULTIRUN:
             report_run([job.run_dir], job.run_dir / "report")
 
-    # Hydra's parser wants flags before overrides; accept them anywhere.
-    flags = [a for a in overrides if a.startswith("-")]
-    rest = [a for a in overrides if not a.startswith("-")]
+    flags, rest = _split_flags(overrides)
+    if jobs is not None:
+        # Hydra sets hydra.job.env_set in each job's environment whatever the launcher (in this
+        # process, joblib's reused workers, submitit's processes on other machines).
+        sweep = {SWEEP_JOBS_ENV: str(len(jobs.points)), SWEEP_KEYS_ENV: json.dumps(jobs.swept),
+                 SWEEP_START_ENV: repr(time.time())}
+        rest = [*rest, *(f"++hydra.job.env_set.{k}={_hydra_quote(v)}" for k, v in sweep.items())]
+    argv = sys.argv
     sys.argv = ["edit-harness run", *flags, *rest]
-    task()
+    try:
+        task()
+    finally:
+        sys.argv = argv
     return 0
+
+
+def _announce_job(num: int, task_overrides: list[str], cfg) -> None:
+    """The sweep's progress, one line a job: ``job k of N: <what differs>``. Plain lines (no
+    redrawn bar) read the same in a terminal, a log file and a SLURM output file."""
+    total = os.environ.get(SWEEP_JOBS_ENV, "?")
+    try:
+        swept = set(json.loads(os.environ.get(SWEEP_KEYS_ENV, "[]")))
+    except ValueError:
+        swept = set()
+    label = " ".join(o for o in task_overrides if _override_key(o) in swept) or str(cfg.method.get("name", ""))
+    since = ""
+    start = os.environ.get(SWEEP_START_ENV)
+    if start:
+        try:
+            since = f" [{_duration(time.time() - float(start))} into the sweep]"
+        except ValueError:
+            pass
+    print(f"job {num + 1} of {total}: {label}{since}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,10 +647,10 @@ def report_run(
     """Write tables and plots for run dirs; skipped when the stored scores have not changed.
 
     The report is a pure function of the jobs' tables, so a digest of those files (and the
-    report options) written beside the report tells whether it is up to date.
+    report options) written beside the report tells whether it is up to date. Prints where the
+    report is, and the compact terminal table (``terminal`` among the report's files; else
+    ``table.md``).
     """
-    import hashlib
-
     from .fileio import save_bytes
     from .runner import job_dirs
 
@@ -187,76 +672,160 @@ def report_run(
     save_bytes(stamp, digest.encode())
     if not quiet:
         print(f"report written to {out_dir}")
-        table = out_dir / "table.md"
+        terminal = (files or {}).get("terminal")
+        table = Path(terminal) if terminal else out_dir / "table.md"
         if table.is_file():
-            print(table.read_text())
+            print(table.read_text().rstrip("\n"))
     return files
 
 
+def default_report_dir(run_dirs: Sequence[Path]) -> Path:
+    """Where ``report`` writes without ``--out``: one run's own ``report/``; for several runs a
+    new folder beside the first, named after them (``report-A+B``), so that no run's own
+    report is overwritten by a comparison."""
+    runs = list(dict.fromkeys(Path(d).resolve() for d in run_dirs))
+    if len(runs) == 1:
+        return Path(run_dirs[0]) / "report"
+    name = "report-" + "+".join(r.name for r in runs)
+    if len(name) > 100:  # many runs: a short, still unique, name
+        tag = hashlib.sha256("\n".join(map(str, runs)).encode()).hexdigest()[:8]
+        name = f"report-{runs[0].name}-and-{len(runs) - 1}-more-{tag}"
+    return Path(run_dirs[0]).parent / name
+
+
 def _cmd_report(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edit-harness report", description="Rebuild tables and plots from stored scores.")
-    ap.add_argument("run_dirs", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, help="output folder (default: <first run dir>/report)")
-    ap.add_argument("--no-per-category", action="store_true")
+    ap = argparse.ArgumentParser(
+        prog="edit-harness report",
+        description="Rebuild tables and plots from the scores stored in run folders (results/<run_name>/). "
+                    "Several runs are compared in one table, written to a new folder: a run's own report/ "
+                    "is never overwritten by a comparison.",
+    )
+    ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    ap.add_argument("--out", type=Path, help="output folder (default: RUN_DIR/report for one run; for several, "
+                                             "report-<run>+<run> beside the first)")
+    ap.add_argument("--no-per-category", action="store_true", help="skip the per-category tables")
     a = ap.parse_args(argv)
     for d in a.run_dirs:
         if not (d / "jobs").is_dir():
             raise UsageError(f"{d} is not a run directory (it has no jobs/ folder)")
-    report_run(a.run_dirs, a.out or a.run_dirs[0] / "report", per_category=not a.no_per_category, force=True)
+    report_run(a.run_dirs, a.out or default_report_dir(a.run_dirs), per_category=not a.no_per_category, force=True)
     return 0
+
+
+def _dataset_overrides(choice: str) -> list[str]:
+    """Overrides selecting a dataset given as a config name or as a folder with a manifest."""
+    if config_file("dataset", choice) is not None:
+        return [f"dataset={choice}"]
+    folder = Path(choice).expanduser()
+    if not folder.is_dir():
+        options = _group_options("dataset")
+        raise UsageError(f"unknown dataset '{choice}': not a config{_did_you_mean(choice, options)} "
+                         f"({', '.join(options)}) nor a folder")
+    from .data import GenericDataset
+
+    try:
+        name = GenericDataset(folder).name  # its card's name, else the folder's
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"{folder} is not a dataset folder: {e}") from None
+    return ["dataset=sample", f"dataset.root={_hydra_quote(str(folder.resolve()))}",
+            f"dataset.name={_hydra_quote(name)}", "dataset.format=generic", "dataset.manifest=null"]
+
+
+def _check_edit_files(folder: Path, dataset: Mapping[str, Any]) -> None:
+    """Name every edit file that matches no sample id (with the closest ids) and every sample
+    with several files; a UsageError when no selected sample has an edit."""
+    from .data import open_dataset
+    from methods.folder import match_edits
+
+    everything = [r.id for r in open_dataset({**dataset, "ids": None, "limit": None, "shard": None}).refs()]
+    selected = [r.id for r in open_dataset(dataset).refs()]
+    name = dataset.get("name") or "?"
+    m = match_edits(folder, everything, selected)
+    for file, close in m.unmatched.items():
+        hint = f" (closest: {', '.join(close)})" if close else ""
+        print(f"edit-harness: warning: edit file '{file}' matches no sample id of dataset '{name}'{hint}", file=sys.stderr)
+    for sid, files in m.several.items():
+        print(f"edit-harness: warning: sample '{sid}' has several edit files ({', '.join(files)}): using {files[0]}",
+              file=sys.stderr)
+    if not m.matched:
+        raise UsageError(f"no file in {folder} is named after one of the {len(selected)} selected samples of dataset "
+                         f"'{name}' (<sample_id>.png); sample ids: {_listing(selected, 10)}")
+    print(f"{len(m.matched)} of {len(selected)} samples have an edit in {folder}"
+          + ("" if len(m.matched) == len(selected) else "; the others are recorded as skipped"))
 
 
 def _cmd_score(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="edit-harness score",
-        description="Score a folder of edits made elsewhere: one image per sample, named <sample_id>.png (or .jpg/.jpeg/.webp).",
+        description="Score a folder of edits made elsewhere: one image per sample, named <sample_id>.png "
+                    "(or .jpg/.jpeg/.webp/.bmp/.tif). They go through the same cache, scoring and report as "
+                    "the harness's methods (method 'folder').",
     )
-    ap.add_argument("edits_dir", type=Path)
-    ap.add_argument("--dataset", default="sample", help=f"dataset config ({', '.join(_group_options('dataset'))})")
+    ap.add_argument("edits_dir", type=Path, metavar="EDITS_DIR")
+    ap.add_argument("--dataset", default="sample",
+                    help=f"a dataset config ({', '.join(_group_options('dataset'))}) or a folder with manifest.jsonl")
     ap.add_argument("--metrics", default="default", help=f"protocol ({', '.join(_group_options('metrics'))})")
     ap.add_argument("--name", help="method name shown in tables (default: the folder's name)")
     ap.add_argument("--run-name", help="results/<run-name> (default: score-<folder name>)")
-    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides (dataset.limit=N, results_dir=PATH, ...)")
     a = ap.parse_intermixed_args(argv)
     if not a.edits_dir.is_dir():
         raise UsageError(f"edits folder not found: {a.edits_dir}")
     label = a.name or a.edits_dir.resolve().name
     overrides = [
         "method=folder",
-        f"method.path={a.edits_dir.resolve()}",
-        f"method.label={label}",
-        f"dataset={a.dataset}",
+        f"method.path={_hydra_quote(str(a.edits_dir.resolve()))}",
+        f"method.label={_hydra_quote(label)}",
+        *_dataset_overrides(a.dataset),
         f"metrics={a.metrics}",
-        f"run_name={a.run_name or 'score-' + label}",
+        f"run_name={_hydra_quote(a.run_name or 'score-' + label)}",
         *a.overrides,
     ]
     precheck(overrides)
+    jobs = check_jobs(overrides, multirun=False)
+    assert jobs is not None  # a single job is always known
+    _check_edit_files(a.edits_dir, jobs.configs[0]["dataset"])
     return _hydra_run(overrides)
 
 
 def _cmd_validate(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="edit-harness validate", description="Check every sample of a dataset.")
-    ap.add_argument("dataset", help="a dataset config name (conf/dataset/) or a folder with manifest.jsonl")
+    ap = argparse.ArgumentParser(
+        prog="edit-harness validate",
+        description="Check every sample of a dataset: decode each file, check each field. Prints each problem "
+                    "(ERROR: the sample cannot be used; WARNING: it can, with a caveat) and exits 1 if any is an "
+                    "error.",
+    )
+    ap.add_argument("dataset", help=f"a dataset config name ({', '.join(_group_options('dataset'))}) "
+                                    "or a folder with manifest.jsonl")
     a = ap.parse_args(argv)
     from .data import open_dataset
 
-    if (CONF_DIR / "dataset" / f"{a.dataset}.yaml").is_file():
-        cfg = _load_yaml(CONF_DIR / "dataset" / f"{a.dataset}.yaml")
+    path = config_file("dataset", a.dataset)
+    if path is not None:
+        cfg = _load_yaml(path)
     elif Path(a.dataset).is_dir():
         cfg = {"root": a.dataset, "format": "generic"}
     else:
-        raise UsageError(f"unknown dataset '{a.dataset}': not a config ({', '.join(_group_options('dataset'))}) nor a folder")
-    ds = open_dataset(cfg)
+        options = _group_options("dataset")
+        raise UsageError(f"unknown dataset '{a.dataset}': not a config{_did_you_mean(a.dataset, options)} "
+                         f"({', '.join(options)}) nor a folder")
+    try:
+        ds = open_dataset(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(str(e)) from None
     refs = ds.refs()
     problems = ds.validate()
+    errors = 0
     for p in problems:
-        print(f"ERROR {p}")
+        level = getattr(p, "level", "error")
+        errors += level == "error"
+        print(f"{level.upper()} {p}")
     cats: dict[str, int] = {}
     for r in refs:
         cats[r.category or "-"] = cats.get(r.category or "-", 0) + 1
-    print(f"dataset '{ds.name}' v{ds.version}: {len(refs)} samples, {len(problems)} problem(s); categories: "
-          + ", ".join(f"{k}={v}" for k, v in sorted(cats.items())))
-    return 1 if problems else 0
+    print(f"dataset '{ds.name}' v{ds.version}: {len(refs)} samples, {errors} error(s), "
+          f"{len(problems) - errors} warning(s); categories: " + ", ".join(f"{k}={v}" for k, v in sorted(cats.items())))
+    return 1 if errors else 0
 
 
 def _experiment_config(name: str) -> tuple[dict, list[tuple[str, dict]]]:
@@ -326,7 +895,7 @@ def _cmd_weights(argv: Sequence[str]) -> int:
             raise UsageError(f"unknown experiment '{bare}'; experiments: {', '.join(experiments)}")
         name = bare
         if name in protocols and kind != "experiment":
-            cfg, title = _load_yaml(CONF_DIR / "metrics" / f"{name}.yaml"), f"protocol {name}"
+            cfg, title = _config("metrics", name), f"protocol {name}"
         elif name in experiments:
             cfg, methods = _experiment_config(name)
             title = f"experiment {name} (protocol {cfg.get('protocol', '?')})"
@@ -349,6 +918,12 @@ def _cmd_weights(argv: Sequence[str]) -> int:
 
 
 def _cmd_list(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="edit-harness list",
+        description="List what a run can use: methods (with their parameters and the sample fields they need), "
+                    "datasets, metrics, metric protocols and experiments, including those of installed plugins.",
+    )
+    ap.parse_args(argv)
     from . import metrics  # noqa: F401
     from .registry import METHODS, METRICS
     import methods  # noqa: F401
@@ -367,21 +942,37 @@ def _cmd_list(argv: Sequence[str]) -> int:
 COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights, "list": _cmd_list}
 
 
+def _run(rest: list[str]) -> int:
+    flags, overrides = _split_flags(rest)
+    if "--hydra-help" in flags:
+        return _hydra_run(rest)  # Hydra's own help
+    if "-h" in flags or "--help" in flags:
+        print(run_help())
+        return 0
+    precheck(rest)
+    multirun = any(f in _MULTIRUN_FLAGS for f in flags)
+    if any(f not in _MULTIRUN_FLAGS for f in flags):
+        # --cfg, --info, -cn ...: Hydra's own modes, which run no job of this command line's
+        return _hydra_run(rest)
+    jobs = check_jobs(overrides, multirun)
+    return _hydra_run(rest, jobs if jobs is not None and jobs.multirun else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["help"] and len(argv) > 1:
+        argv = [argv[1], "--help"]  # edit-harness help COMMAND
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
     try:
         if cmd == "run":
-            if any(a in ("-h", "--help") for a in rest):
-                return _hydra_run(rest)
-            precheck(rest)
-            return _hydra_run(rest)
+            return _run(rest)
         if cmd in COMMANDS:
             return COMMANDS[cmd](rest)
-        raise UsageError(f"unknown command '{cmd}'; commands: run, {', '.join(COMMANDS)}")
+        raise UsageError(f"unknown command '{cmd}'{_did_you_mean(cmd, ['run', *COMMANDS])}; "
+                         f"commands: run, {', '.join(COMMANDS)}")
     except (UsageError, UnknownNameError) as e:
         print(f"edit-harness: {e}", file=sys.stderr)
         return 2

@@ -7,8 +7,10 @@ modification times) is the model revision, so replacing a file invalidates its c
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 from pathlib import Path
+from typing import Iterable
 
 from harness.images import load_image
 from harness.method import Method
@@ -16,6 +18,52 @@ from harness.registry import METHODS
 from harness.types import MethodOutput, Sample, SampleError, SkipSample
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def index_edits(root: Path) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """The edit files of a folder by sample id (the file name without its extension), and the
+    ids that have several files (their names, the one used first). Of several files for one
+    id the first in name order is used, so that the choice does not depend on the file system."""
+    files: dict[str, Path] = {}
+    several: dict[str, list[str]] = {}
+    for p in sorted(Path(root).iterdir()):
+        if p.suffix.lower() in EXTENSIONS and p.is_file():
+            if p.stem in files:
+                several.setdefault(p.stem, [files[p.stem].name]).append(p.name)
+            else:
+                files[p.stem] = p
+    return files, several
+
+
+@dataclasses.dataclass
+class EditsMatch:
+    """How a folder's edit files match a dataset's sample ids."""
+
+    #: the selected sample ids that have an edit file
+    matched: list[str]
+    #: each file named after no sample id of the dataset -> the closest ids (difflib)
+    unmatched: dict[str, list[str]]
+    #: each sample id with several files -> their names, the one used first
+    several: dict[str, list[str]]
+
+
+def match_edits(root: Path, ids: Iterable[str], selected: Iterable[str] | None = None) -> EditsMatch:
+    """Match the edit files in ``root`` against a dataset's sample ``ids`` (all of them: a file
+    for a sample outside the selection is not a stray file) and the ``selected`` ids a job
+    scores (default: all)."""
+    ids = list(ids)
+    known = set(ids)
+    files, several = index_edits(root)
+    unmatched = {
+        p.name: difflib.get_close_matches(stem, ids, n=3, cutoff=0.6)
+        for stem, p in files.items() if stem not in known
+    }
+    for stem, names in several.items():
+        if stem not in known:  # every file of a stray id is stray
+            for name in names[1:]:
+                unmatched[name] = unmatched[files[stem].name]
+    matched = [i for i in (ids if selected is None else selected) if i in files]
+    return EditsMatch(matched=matched, unmatched=unmatched, several={k: v for k, v in several.items() if k in known})
 
 
 @METHODS.register("folder")
@@ -41,10 +89,7 @@ class FolderEdits(Method):
         if self._files is None:
             if not self.root.is_dir():
                 raise FileNotFoundError(f"edits folder not found: {self.root}")
-            self._files = {}
-            for p in sorted(self.root.iterdir()):
-                if p.suffix.lower() in EXTENSIONS and p.is_file():
-                    self._files.setdefault(p.stem, p)
+            self._files = index_edits(self.root)[0]
         return self._files
 
     def label(self) -> str:

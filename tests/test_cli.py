@@ -92,10 +92,10 @@ def test_valid_override_forms_pass_the_precheck():
 
 
 def test_bad_parameter_value_fails_clearly(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        _run(["method=recolor", "method.strength=5.0", "dataset.limit=1"], tmp_path)
-    assert e.value.code == 2
-    assert "strength" in capsys.readouterr().err
+    # refused before Hydra starts the job: nothing is written
+    assert _run(["method=recolor", "method.strength=5.0", "dataset.limit=1"], tmp_path) == 2
+    assert capsys.readouterr().err == "edit-harness: method 'recolor': recolor: 'strength' must be a number in [0, 1], got 5.0\n"
+    assert not any(tmp_path.iterdir())
 
 
 def test_single_run_writes_results_and_report(tmp_path):
@@ -183,12 +183,12 @@ def test_score_a_folder_of_outside_edits(tmp_path):
 
 def test_validate_command(builder, capsys):
     assert main(["validate", "sample"]) == 0
-    assert "0 problem(s)" in capsys.readouterr().out
+    assert "16 samples, 0 error(s), 0 warning(s)" in capsys.readouterr().out
     builder.add_simple("ok")
-    builder.add(id="bad", source="images/none.png")
+    builder.add(id="bad", source="images/none.png", category="remove")
     assert main(["validate", str(builder.root)]) == 1
     out = capsys.readouterr().out
-    assert "ERROR sample 'bad', field 'source'" in out and "1 problem(s)" in out
+    assert "ERROR sample 'bad', field 'source'" in out and "2 samples, 1 error(s), 0 warning(s)" in out
 
 
 def test_list_command(capsys):
