@@ -182,11 +182,11 @@ def precheck(overrides: Sequence[str]) -> None:
     if names is None and "experiment" in chosen:
         names = [m for e in chosen["experiment"] for m in (_experiment_methods(e, parser) or ["identity"])]
     for name in dict.fromkeys(names or ["identity"]):
-        if name not in registry.METHODS:
-            raise UsageError(
-                f"method config '{name}' names no registered method; registered: {', '.join(registry.METHODS.names())}"
-            )
-        cls = registry.METHODS.get(name)
+        try:
+            # get(), not `in`: a method whose plugin failed to load is named with its entry point
+            cls = registry.METHODS.get(name)
+        except UnknownNameError as e:
+            raise UsageError(f"method config '{name}' names no registered method: {e}") from None
         unknown = [p for p in dict.fromkeys(params) if p not in cls.param_names() and p != "name"]
         if unknown:
             listing = ", ".join(cls.param_names()) or "(none)"
@@ -581,6 +581,7 @@ def _hydra_run(overrides: list[str], jobs: Jobs | None = None) -> int:
     def task(cfg) -> None:
         from .method import ParamError
         from .runner import Job, JobConfig
+        from .types import DatasetError
 
         hc = HydraConfig.get()
         if hc.mode == RunMode.MULTIRUN:
@@ -592,7 +593,11 @@ def _hydra_run(overrides: list[str], jobs: Jobs | None = None) -> int:
             # checked before Hydra started (check_jobs); printed once, without a traceback
             print(f"edit-harness: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
             raise SystemExit(2) from None
-        job.run(resolved)
+        try:
+            job.run(resolved)
+        except DatasetError as e:
+            print(f"edit-harness: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         if cfg.report and hc.mode != RunMode.MULTIRUN:
             report_run([job.run_dir], job.run_dir / "report")
 
@@ -662,7 +667,8 @@ def report_run(
             h.update((d / name).read_bytes())
     digest = h.hexdigest()
     stamp = out_dir / ".inputs-digest"
-    if not force and stamp.is_file() and stamp.read_text() == digest and (out_dir / "table.md").is_file():
+    if not force and stamp.is_file() and stamp.read_text() == digest and (out_dir / "table.md").is_file() \
+            and (out_dir / "table_terminal.txt").is_file():
         if not quiet:
             print(f"report in {out_dir} is up to date")
         return None
@@ -813,8 +819,12 @@ def _cmd_validate(argv: Sequence[str]) -> int:
         ds = open_dataset(cfg)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(str(e)) from None
-    refs = ds.refs()
-    problems = ds.validate()
+    try:
+        refs = ds.refs()
+        problems = ds.validate()
+    except (ValueError, KeyError) as e:
+        # a dataset-level problem (an annotation file that is not UTF-8 JSON, a missing key)
+        raise UsageError(f"dataset '{a.dataset}': {e.args[0] if isinstance(e, KeyError) and e.args else e}") from None
     errors = 0
     for p in problems:
         level = getattr(p, "level", "error")
@@ -933,6 +943,10 @@ def _cmd_list(argv: Sequence[str]) -> int:
     print("metrics:     " + ", ".join(METRICS.names()))
     print("protocols:   " + ", ".join(_group_options("metrics")))
     print("experiments: " + ", ".join(_group_options("experiment")))
+    from .plugins import load_errors
+
+    for err in load_errors():
+        print(f"plugin not loaded: {err}")
     for name in METHODS.names():
         cls = METHODS.get(name)
         print(f"  {name}: params {', '.join(cls.param_names()) or '(none)'}; needs {', '.join(cls.requires)}")

@@ -84,6 +84,9 @@ class Method(abc.ABC):
       numeric_libraries: distributions whose numerics the output depends on; their installed
         versions (with :data:`INPUT_LIBRARIES`, and torch for ``uses_torch``) are part of every
         edit's cache key, so an upgrade recomputes instead of mixing two versions in one table.
+      location_params: parameters that say where the method's inputs are on this machine (a
+        folder), not what it computes: they stay in the cache key and the job id, and are left
+        out of the tables' ``params`` column, so two machines write identical tables.
     """
 
     name: ClassVar[str] = "?"
@@ -94,6 +97,7 @@ class Method(abc.ABC):
     uses_torch: ClassVar[bool] = False
     # The classical methods' stack (methods/_common.py: OpenCV, SciPy, scikit-image).
     numeric_libraries: ClassVar[tuple[str, ...]] = ("opencv", "scipy", "scikit-image")
+    location_params: ClassVar[tuple[str, ...]] = ()
 
     @dataclasses.dataclass(frozen=True)
     class Params:

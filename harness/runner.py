@@ -41,7 +41,7 @@ from .images import DECODE_DIFFERS, decode_options
 from .method import Method
 from .registry import METHODS
 from .metrics.base import SET_SAMPLE_ID
-from .types import EditResult, EditStatus, MethodOutput, Sample, SampleError, ScoreValue, SkipSample
+from .types import DatasetError, EditResult, EditStatus, MethodOutput, Sample, SampleError, ScoreValue, SkipSample
 
 log = logging.getLogger("edit_harness")
 
@@ -231,6 +231,10 @@ def _versions() -> dict[str, str | None]:
 def _git_revision() -> str | None:
     try:
         root = Path(__file__).resolve().parents[1]
+        if not (root / ".git").exists():
+            # an installed wheel: site-packages may sit inside some other checkout, whose revision
+            # says nothing about this code
+            return None
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=5)
@@ -316,7 +320,9 @@ class Job:
         self.decode = decode_options(getattr(self.suite, "decode", None) if self.suite else None)
         self.libraries = self.method.library_versions()
         self.params = self.method.resolved_params()
-        self.params_json = canonical_params(self.params)
+        # the tables' params column: what the method computes, not where its inputs are
+        self.params_json = canonical_params({k: v for k, v in self.params.items()
+                                             if k not in self.method.location_params})
         self.run_dir = Path(cfg.results_dir) / cfg.run_name
         self.store = EditStore(cfg.cache_dir or (self.run_dir / "edits"))
         job_hash = stable_hash(
@@ -709,7 +715,10 @@ class Job:
         )
 
     def run(self, resolved: Mapping[str, Any] | None = None) -> JobOutcome:
-        refs = self.dataset.refs()
+        try:
+            refs = self.dataset.refs()
+        except (ValueError, KeyError) as e:  # per-sample problems are failed rows; this is the whole set
+            raise DatasetError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
         records, computed, cached = self.edit_all(refs)
         scores, scored = self.score_all(records) if self.suite else (None, 0)
         set_scores = self.score_sets(records) if self.suite and self.suite.set_entries else None

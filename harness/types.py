@@ -54,6 +54,11 @@ CATEGORIES = (
 LEVELS = ("error", "warning")
 
 
+class DatasetError(ValueError):
+    """The dataset as a whole cannot be read (an annotation file that is not UTF-8 JSON, a missing
+    key): no sample is usable, so the job stops with this one-line message."""
+
+
 class SampleError(ValueError):
     """A sample cannot be used (``level="error"``), or can but with a caveat ``validate`` reports
     (``level="warning"``): names the sample and the field at fault."""

@@ -70,6 +70,7 @@ def match_edits(root: Path, ids: Iterable[str], selected: Iterable[str] | None =
 class FolderEdits(Method):
     version = "1"
     requires = ("source",)
+    location_params = ("path",)  # the folder's location on this machine; its content is the revision
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -105,10 +106,11 @@ class FolderEdits(Method):
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         p = self._index().get(sample.id)
         if p is None:
-            raise SkipSample(f"no edit named '{sample.id}.<png|jpg|...>' in {self.root}")
+            # the folder's name, not its path: reasons read the same on every machine
+            raise SkipSample(f"no edit named '{sample.id}.<png|jpg|...>' in the edits folder '{self.root.name}'")
         notes: list[str] = []
         try:
-            image = load_image(p, sample.id, "edit", notes)
+            image = load_image(p, sample.id, "edit", notes, shown=p.name)
         except SampleError as e:
             raise ValueError(str(e)) from None
         return MethodOutput(image=image, info={"file": p.name, **({"input_notes": notes} if notes else {})})

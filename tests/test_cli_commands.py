@@ -51,6 +51,14 @@ def test_score_takes_a_dataset_folder_and_names_stray_edit_files(builder, tmp_pa
     scores = pd.read_parquet(job / "scores.parquet")
     whole = scores[(scores.region == "all") & (scores.sample_id == "s0")]
     assert sorted(whole.metric) == ["l1", "l2"] and (whole.value == 0).all()  # s0's edit is its source
+    # the folder's location on this machine is in no table (a reason names the folder, not its path)
+    for name in ("edits.parquet", "scores.parquet"):
+        frame = pd.read_parquet(job / name)
+        assert not any(frame[c].astype(str).str.contains(str(tmp_path)).any() for c in frame.columns), name
+    assert table.loc["s2", "reason"] == "sample 's2': no edit named 's2.<png|jpg|...>' in the edits folder 'mine'"
+    for f in (tmp_path / "results" / "outside" / "report").iterdir():
+        if f.suffix in (".md", ".csv", ".txt", ".tex"):
+            assert str(tmp_path) not in f.read_text(), f.name
 
 
 def test_score_fails_when_no_file_matches_a_sample(builder, tmp_path, capsys):

@@ -27,7 +27,7 @@ from harness.images import DEFAULT_MAX_PIXELS, MASK_CONVERSIONS, load_image, loa
 from harness.method import Method
 from harness.registry import METHODS
 from harness.runner import EDIT_COLUMNS, Job, JobConfig, run_job
-from harness.types import CATEGORIES, MethodOutput, Sample, SampleError
+from harness.types import CATEGORIES, DatasetError, MethodOutput, Sample, SampleError
 
 from . import _test_methods_registry  # noqa: F401  (test_flaky)
 from .conftest import DatasetBuilder, disc_mask, job_config, read_edits, read_scores, textured
@@ -235,6 +235,11 @@ def test_annotation_files_not_utf8_are_one_clear_dataset_error(tmp_path):
     (mbb.root / "local_descriptions.json").write_bytes(b"\xfe{}")
     with pytest.raises(ValueError, match="local_descriptions.json is not valid UTF-8 JSON"):
         open_dataset(mbb.config()).refs()
+    # a job over that dataset stops with a DatasetError (the CLI prints it on one line, exit 2)
+    job = Job(JobConfig.from_mapping(job_config(mbb.config(), tmp_path / "res")))
+    with pytest.raises(DatasetError, match="local_descriptions.json is not valid UTF-8 JSON"):
+        job.run()
+    assert not (tmp_path / "res").exists() or not list((tmp_path / "res").rglob("edit.json"))
 
 
 def test_a_method_check_that_raises_fails_that_sample_only(builder, tmp_path):
