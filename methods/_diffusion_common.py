@@ -8,6 +8,12 @@ its prompt, and how to call the pipeline. The base class does the rest:
   attention_slicing, allow_downloads, backbone, num_inference_steps, guidance_scale, resolution);
   a subclass extends it with ``@dataclasses.dataclass(frozen=True) class Params(DiffusionMethod.Params)``
   and may redefine a field to change its default.
+- ``"auto"`` parameters (:func:`auto_field`): a parameter that makes a run costly (working size,
+  steps, inversion steps ...) defaults to ``"auto"``, resolved when the parameters are built: the
+  paper / library value with real weights, a small value with ``backbone=tiny``, so that
+  ``method.backbone=tiny`` alone is a quick smoke run. An explicit value always wins. The resolved
+  values are the parameters (``resolved_params()``: part of each edit's cache key) and the
+  edit's ``info`` lists them under ``auto_params``.
 - ``model_revision()``: :func:`methods.diffusion.loading.resolve_revision` (no loading, no torch);
   after ``prepare()`` the revision of the loaded weights.
 - ``prepare()``: :func:`methods.diffusion.loading.load_pipeline` (cached per process, shared by
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import os
 import time
 import types
@@ -36,10 +43,12 @@ from harness.types import MethodOutput, Sample
 
 from .diffusion.loading import (BACKBONES, DEVICES, DTYPES, LoadedPipeline, ModelSpec, hub_cache_dir, load_pipeline,
                                 resolve_revision)
-from .diffusion.tiny import RANDOM_WEIGHTS_LABEL
+from .diffusion.tiny import RANDOM_WEIGHTS_LABEL, TINY_RESOLUTION, TINY_STEPS, TINY_TORCH_THREADS
 
 # Stable Diffusion 1.x's VAE downsamples by 8: the working size must be a multiple of it.
 SIZE_MULTIPLE = 8
+# The default of a parameter whose value depends on the backbone (see auto_field).
+AUTO = "auto"
 RANDOM_WEIGHTS_TAG = "[RANDOM WEIGHTS]"
 PROVIDE_WEIGHTS = ("download it on a machine with hub access and copy the hub cache here (HF_HOME / HF_HUB_CACHE), "
                    "set method.model to a local folder, allow downloads (method.allow_downloads=true or "
@@ -89,6 +98,79 @@ def from_pipeline_output(image: Any, size_hw: tuple[int, int]) -> np.ndarray:
     return np.ascontiguousarray(u8)
 
 
+@dataclasses.dataclass(frozen=True)
+class Auto:
+    """What an ``"auto"`` parameter becomes: ``real`` with real weights, ``tiny`` with the tiny
+    random-weight backbone. A callable value is called with the parameters (the fields before
+    this one already resolved) for a value that follows another parameter."""
+
+    real: Any
+    tiny: Any
+
+    def value(self, params: Any) -> Any:
+        v = self.tiny if params.backbone == "tiny" else self.real
+        return v(params) if callable(v) else v
+
+
+def auto_field(real: Any, tiny: Any) -> Any:
+    """A ``Params`` field whose default is ``"auto"``: ``real`` with real weights, ``tiny`` with
+    ``backbone=tiny`` (see :class:`Auto`); an explicit value (YAML, command line) replaces it.
+    The field's type must accept ``Literal["auto"]``; the YAML default is ``auto``."""
+    return dataclasses.field(default=AUTO, metadata={"auto": Auto(real, tiny)})
+
+
+def auto_names(params_cls: type) -> tuple[str, ...]:
+    """The names of ``params_cls``'s fields that accept ``"auto"`` (declared with :func:`auto_field`)."""
+    return tuple(f.name for f in dataclasses.fields(params_cls) if "auto" in f.metadata)
+
+
+def resolve_auto(params: Any) -> dict[str, Any]:
+    """Replace each ``"auto"`` field of the frozen ``params`` by its value for ``params.backbone``
+    (in field order, so that a callable sees the fields before it resolved); returns
+    ``{field: value}`` of the fields it resolved, also kept as ``params.auto_resolved``. Fields
+    not declared with :func:`auto_field` keep their value, "auto" included (``device: auto``
+    is the loader's own choice; P2P's ``edit_kind: auto`` is the method's)."""
+    resolved: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        rule = f.metadata.get("auto")
+        if rule is None or not (isinstance(value, str) and value == AUTO):
+            continue
+        value = rule.value(params)
+        # Params is frozen: its fields are set here, once, while it is being built (__post_init__).
+        object.__setattr__(params, f.name, value)
+        resolved[f.name] = value
+    object.__setattr__(params, "auto_resolved", dict(resolved))
+    return resolved
+
+
+def tiny_threads(edit: Any) -> Any:
+    """Run ``edit`` (a method's ``edit``) with :data:`TINY_TORCH_THREADS` torch intra-op threads when
+    the method's backbone is tiny, restoring the count afterwards (a sweep may run real-weight
+    jobs in the same process). The tiny models' convolutions and attention are too small to split:
+    thread start-up and synchronisation dominate, and on a busy machine every op waits for a core
+    for each of its threads (a tiny P2P edit: ~50 s with 2 threads on 2 busy cores, ~3 s with 1).
+    With one thread a tiny edit is also the same computation on every machine."""
+
+    @functools.wraps(edit)
+    def wrapper(self: "DiffusionMethod", sample: Sample, seed: int) -> MethodOutput:
+        if self.params.backbone != "tiny":
+            return edit(self, sample, seed)
+        import torch
+
+        before = torch.get_num_threads()
+        if before == TINY_TORCH_THREADS:
+            return edit(self, sample, seed)
+        torch.set_num_threads(TINY_TORCH_THREADS)
+        try:
+            return edit(self, sample, seed)
+        finally:
+            torch.set_num_threads(before)
+
+    wrapper.tiny_threads = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class DiffusionMethod(Method):
     """Base of the adapters that run one diffusers pipeline per edit.
 
@@ -116,13 +198,16 @@ class DiffusionMethod(Method):
         attention_slicing: bool = False  # enable_attention_slicing()
         allow_downloads: bool = False  # also EDIT_HARNESS_ALLOW_DOWNLOADS=1
         backbone: Literal["real", "tiny"] = "real"  # tiny = random weights, smoke runs only
-        num_inference_steps: int = 50
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)
         guidance_scale: float = 7.5
         # Side of the square the method runs at (source resized to it, edit resized back, bicubic);
         # None = the source size rounded down to a multiple of 8.
-        resolution: int | None = 512
+        resolution: int | Literal["auto"] | None = auto_field(512, TINY_RESOLUTION)
 
         def __post_init__(self) -> None:
+            # "auto" fields first: every check below (and in subclasses, which call this first)
+            # sees the resolved values.
+            resolve_auto(self)
             owner = "diffusion method"
             if self.dtype not in DTYPES:
                 raise ValueError(f"{owner}: 'dtype' must be one of {list(DTYPES)}, got {self.dtype!r}")
@@ -146,6 +231,13 @@ class DiffusionMethod(Method):
         super().__init__(params)
         self._loaded: LoadedPipeline | None = None
         self._revision: str | None = None
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        # every adapter's own edit() (most extend the base's) runs tiny backbones single-threaded
+        own = cls.__dict__.get("edit")
+        if own is not None and not getattr(own, "tiny_threads", False):
+            cls.edit = tiny_threads(own)
 
     # -- hooks for subclasses ---------------------------------------------------------------
     @classmethod
@@ -249,7 +341,8 @@ class DiffusionMethod(Method):
 
     def edit_info(self, start: "EditStart", seed: int, prep_seconds: float, **entries: Any) -> dict[str, Any]:
         """An edit's ``info``: the loaded weights' summary, steps, guidance, :meth:`extra_info`,
-        then ``entries`` (method-specific), the working size, the seed and the preparation time
+        then ``entries`` (method-specific), the ``"auto"`` parameters as resolved for the backbone
+        (``auto_params``), the working size, the seed and the preparation time
         (image conversion and resizing; model loading is ``prepare()``)."""
         p = self.params
         return {
@@ -258,11 +351,14 @@ class DiffusionMethod(Method):
             "guidance_scale": float(p.guidance_scale),
             **self.extra_info(),
             **entries,
+            # the parameters left at "auto" and what the backbone made of them
+            "auto_params": dict(getattr(p, "auto_resolved", {})),
             "working_size_hw": [int(start.size[0]), int(start.size[1])],
             "seed": int(seed),
             "prep_seconds": prep_seconds,
         }
 
+    @tiny_threads
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         import torch
 

@@ -90,7 +90,7 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, check_unit
+from ._diffusion_common import TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, auto_field, check_unit
 from .sd_inpaint import masked_output
 
 BLEND_LEVELS = ("next", "current")
@@ -298,9 +298,9 @@ class BlendedLatentDiffusion(_BlendedLatentDiffusion):
     @dataclasses.dataclass(frozen=True)
     class Params(_BlendedLatentDiffusion.Params):
         model: str = "stabilityai/stable-diffusion-2-1-base"  # text_editing_SD2.py --model_path
-        num_inference_steps: int = 50  # text_editing_SD2.py edit_image default
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # text_editing_SD2.py edit_image default
         guidance_scale: float = 7.5  # text_editing_SD2.py edit_image default
-        resolution: int | None = 512  # text_editing_SD2.py height / width
+        resolution: int | Literal["auto"] | None = auto_field(512, TINY_RESOLUTION)  # text_editing_SD2.py height / width
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -343,9 +343,9 @@ class BlendedLatentDiffusionSDXL(_BlendedLatentDiffusion):
     @dataclasses.dataclass(frozen=True)
     class Params(_BlendedLatentDiffusion.Params):
         model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # text_editing_SDXL.py --model_path
-        num_inference_steps: int = 50  # text_editing_SDXL.py edit_image default
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # text_editing_SDXL.py edit_image default
         guidance_scale: float = 5.0  # text_editing_SDXL.py edit_image default
-        resolution: int | None = 1024  # text_editing_SDXL.py height / width
+        resolution: int | Literal["auto"] | None = auto_field(1024, TINY_RESOLUTION)  # text_editing_SDXL.py height / width
 
     @classmethod
     def pipeline_class(cls) -> type:

@@ -28,14 +28,15 @@ resized back to the source size (bicubic) and the generated mask (latent grid) t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number, check_unit, use_ddim_pair
+from ._diffusion_common import (TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_unit,
+                                use_ddim_pair)
 
 
 def mask_to_grid(mask: Any, size_hw: tuple[int, int]) -> np.ndarray:
@@ -64,9 +65,9 @@ class DiffEdit(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # ZONE C.1: SD 1.5 for every baseline
-        num_inference_steps: int = 50  # diffusers DiffEdit default (mask, inversion and editing)
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # diffusers DiffEdit default (mask, inversion and editing)
         guidance_scale: float = 7.5  # diffusers DiffEdit default (mask, editing; invert() keeps its own, also 7.5)
-        resolution: int | None = 768  # ZONE, evaluation details: DiffEdit run at 768 x 768, resized back
+        resolution: int | Literal["auto"] | None = auto_field(768, TINY_RESOLUTION)  # ZONE, evaluation details: DiffEdit run at 768 x 768, resized back
         mask_encode_strength: float = 0.5  # diffusers generate_mask default
         num_maps_per_mask: int = 10  # diffusers generate_mask default
         mask_thresholding_ratio: float = 3.0  # diffusers generate_mask default

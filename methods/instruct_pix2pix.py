@@ -11,11 +11,11 @@ details": 512 x 512 inputs for every method). The scheduler is the checkpoint's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from harness.registry import METHODS
 
-from ._diffusion_common import DiffusionMethod, _check_number
+from ._diffusion_common import TINY_STEPS, DiffusionMethod, _check_number, auto_field
 
 
 class InstructPix2PixBase(DiffusionMethod):
@@ -29,7 +29,7 @@ class InstructPix2PixBase(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "timbrooks/instruct-pix2pix"  # the authors' diffusers checkpoint
-        num_inference_steps: int = 100  # diffusers IP2P pipeline default
+        num_inference_steps: int | Literal["auto"] = auto_field(100, TINY_STEPS)  # diffusers IP2P pipeline default
         guidance_scale: float = 7.5  # text guidance s_T; diffusers IP2P pipeline default
         image_guidance_scale: float = 1.5  # image guidance s_I; diffusers IP2P pipeline default
 

@@ -97,7 +97,8 @@ from typing import Any, ClassVar, Literal
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number, empty_text_reason, from_pipeline_output, working_size
+from ._diffusion_common import (TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, _check_number, auto_field, empty_text_reason,
+                                from_pipeline_output, working_size)
 
 # invert() refuses heights / widths that are not multiples of 32.
 LEDITS_SIZE_MULTIPLE = 32
@@ -193,16 +194,18 @@ class _LEditsPP(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5 (the pipeline's docstring example)
-        num_inference_steps: int = 30  # invert()'s num_inversion_steps default (steps kept after skip)
+        num_inference_steps: int | Literal["auto"] = auto_field(30, TINY_STEPS)  # invert()'s num_inversion_steps default (steps kept after skip)
         guidance_scale: float = 3.5  # invert()'s source_guidance_scale default (used with a source prompt)
-        resolution: int | None = 512  # SD 1.5's native size; a multiple of 32 (invert() refuses others)
+        resolution: int | Literal["auto"] | None = auto_field(512, TINY_RESOLUTION)  # SD 1.5's native size; a multiple of 32 (invert() refuses others)
         skip: float = 0.15  # invert() default: fraction of the schedule's first steps skipped, in [0, 1)
         edit_guidance_scale: float = 5.0  # __call__ default; s_e of eq. 12
         edit_threshold: float = 0.9  # __call__ default; lambda of eq. 12 (mask quantile), in [0, 1]
         edit_warmup_steps: int = 0  # __call__ default: steps without edit guidance at the start
         edit_cooldown_steps: int | None = None  # __call__ default: step after which guidance stops; None = never
         use_cross_attn_mask: bool = False  # __call__ default (implied by use_intersect_mask)
-        use_intersect_mask: bool = True  # __call__ default (SD): cross-attention mask AND noise-quantile mask
+        # __call__ default (SD): cross-attention mask AND noise-quantile mask; tiny: false, the tiny
+        # UNet has no cross-attention at 1/4 of the latent size (prepare() would refuse true)
+        use_intersect_mask: bool | Literal["auto"] = auto_field(True, False)
         scheduler: Literal["dpmsolver++", "ddim"] = "dpmsolver++"  # the pipelines' choice (sde-dpmsolver++, order 2)
         # dpmsolver++ only: sample with final_sigmas_type=sigma_min, lower_order_final=false so that
         # sampling retraces the inversion exactly (false = the pipelines' scheduler, see docstring)
@@ -432,8 +435,8 @@ class LEditsPPSDXL(_LEditsPP):
     @dataclasses.dataclass(frozen=True)
     class Params(_LEditsPP.Params):
         model: str = "stabilityai/stable-diffusion-xl-base-1.0"  # SDXL base 1.0
-        num_inference_steps: int = 50  # SDXL invert()'s num_inversion_steps default
-        resolution: int | None = 1024  # SDXL's native size
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # SDXL invert()'s num_inversion_steps default
+        resolution: int | Literal["auto"] | None = auto_field(1024, TINY_RESOLUTION)  # SDXL's native size
         use_intersect_mask: bool = False  # SDXL __call__ default
         num_zero_noise_steps: int = 3  # SDXL invert() default: last noise maps set to zero
         watermark: bool = False  # SDXL invisible watermark (pipeline default: on when the package is installed)

@@ -63,7 +63,8 @@ from typing import Any, Literal
 from harness.registry import METHODS
 from harness.types import Sample
 
-from ._diffusion_common import DiffusionMethod, InvertAndEditMethod, _check_number, check_choice, text_embeddings
+from ._diffusion_common import (TINY_STEPS, DiffusionMethod, InvertAndEditMethod, _check_number, auto_field,
+                                check_choice, text_embeddings)
 from .diffusion.inversion import ddim_move
 
 SOURCE_PROMPTS = ("source_caption", "empty")
@@ -79,10 +80,14 @@ class MasaCtrl(InvertAndEditMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5 (notebook alternative; CPAM sec. 5)
-        num_inference_steps: int = 50  # MasaCtrlPipeline.__call__ / invert default
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # MasaCtrlPipeline.__call__ / invert default
         guidance_scale: float = 7.5  # notebook: model(prompts, guidance_scale=7.5)
-        start_step: int = 4  # notebook STEP = 4: mutual self-attention from this denoising step on
-        start_layer: int = 10  # notebook LAYPER = 10: from this self-attention layer on (16 in SD 1.x)
+        # notebook STEP = 4: mutual self-attention from this denoising step on; tiny: 1, so that it
+        # acts within the tiny backbone's 4 steps
+        start_step: int | Literal["auto"] = auto_field(4, 1)
+        # notebook LAYPER = 10: from this self-attention layer on (16 in SD 1.x; 10-15 are decoder
+        # layers); tiny: 3, the tiny UNet's decoder layers (3-6 of its 7)
+        start_layer: int | Literal["auto"] = auto_field(10, 3)
         inversion_guidance_scale: float = 7.5  # MasaCtrlPipeline.invert default (uncond = "")
         source_prompt: Literal["source_caption", "empty"] = "source_caption"  # empty = the notebook's ""
 

@@ -40,7 +40,8 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, from_pipeline_output, to_pil
+from ._diffusion_common import (TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, auto_field, from_pipeline_output,
+                                to_pil)
 from .sd_inpaint import check_paste_back, empty_mask_reason, mask_to_pil, paste_source_back
 
 REFERENCE_FITS = ("stretch", "center_crop")
@@ -81,9 +82,9 @@ class PaintByExample(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "Fantasy-Studio/Paint-by-Example"  # the authors' checkpoint (diffusers docstring)
-        num_inference_steps: int = 50  # diffusers PaintByExample default; authors' --ddim_steps 50
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # diffusers PaintByExample default; authors' --ddim_steps 50
         guidance_scale: float = 5.0  # diffusers PaintByExample default; authors' --scale 5
-        resolution: int | None = 512  # authors' --H 512 --W 512
+        resolution: int | Literal["auto"] | None = auto_field(512, TINY_RESOLUTION)  # authors' --H 512 --W 512
         reference_fit: Literal["stretch", "center_crop"] = "stretch"  # stretch = authors' resize to 224 x 224
         crop_reference: bool = True  # crop the reference to its reference_mask's bounding box (when given)
         paste_back: bool = False  # false = pipeline output as is (the authors' code does not composite)

@@ -64,12 +64,13 @@ on the cross-attention weights are cleared after every edit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number, empty_text_reason, use_ddim_pair
+from ._diffusion_common import (TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, _check_number, auto_field,
+                                empty_text_reason, use_ddim_pair)
 
 OWNER = "pix2pix_zero"
 
@@ -98,9 +99,9 @@ class Pix2PixZero(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "CompVis/stable-diffusion-v1-4"  # official repo --model_path default, diffusers examples
-        num_inference_steps: int = 50  # official --num_ddim_steps (inversion and edit); diffusers default
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # official --num_ddim_steps (inversion and edit); diffusers default
         guidance_scale: float = 5.0  # official edit_real.py --negative_guidance_scale (diffusers: 7.5); > 1
-        resolution: int | None = 512  # official inversion.py resizes to 512 x 512
+        resolution: int | Literal["auto"] | None = auto_field(512, TINY_RESOLUTION)  # official inversion.py resizes to 512 x 512
         cross_attention_guidance_amount: float = 0.1  # official --xa_guidance; diffusers __call__ default
         lambda_auto_corr: float = 20.0  # diffusers invert default = official lambda_ac
         lambda_kl: float = 20.0  # diffusers invert default = official lambda_kl

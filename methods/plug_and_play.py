@@ -73,7 +73,8 @@ from typing import Any, Literal
 from harness.registry import METHODS
 from harness.types import Sample
 
-from ._diffusion_common import DiffusionMethod, InvertAndEditMethod, _check_number, check_choice, check_unit, text_embeddings
+from ._diffusion_common import (TINY_STEPS, DiffusionMethod, InvertAndEditMethod, _check_number, auto_field,
+                                check_choice, check_unit, text_embeddings)
 from .diffusion.inversion import ddim_move
 
 PNP_NEGATIVE_PROMPT = "ugly, blurry, black, low res, unrealistic"  # pnp-diffusers config_pnp.yaml
@@ -120,12 +121,14 @@ class PlugAndPlay(InvertAndEditMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5 (pnp-diffusers sd_version '1.5')
-        num_inference_steps: int = 50  # config_pnp.yaml n_timesteps
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # config_pnp.yaml n_timesteps
         guidance_scale: float = 7.5  # config_pnp.yaml
         pnp_f_t: float = 0.8  # config_pnp.yaml: residual features injected in the first 80% of steps
         pnp_attn_t: float = 0.5  # config_pnp.yaml: self-attention q, k injected in the first 50% of steps
         negative_prompt: str = PNP_NEGATIVE_PROMPT  # config_pnp.yaml negative_prompt
-        inversion_steps: int = 999  # preprocess.py --steps
+        # preprocess.py --steps; tiny: num_inference_steps (the other inversion schedule that holds
+        # every sampling timestep), not 999 UNet calls
+        inversion_steps: int | Literal["auto"] = auto_field(999, lambda p: p.num_inference_steps)
         feature_layer: int = 4  # pnp_utils.py: up_blocks[1].resnets[1] (decoder layer 4)
         attn_start_layer: int = 4  # pnp_utils.py: self-attention in decoder layers 4-11
         source_prompt: Literal["empty", "source_caption"] = "empty"  # preprocess.py --inversion_prompt ''

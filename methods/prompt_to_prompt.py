@@ -88,7 +88,8 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, _check_number, check_unit, empty_text_reason, from_pipeline_output
+from ._diffusion_common import (TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_unit, empty_text_reason,
+                                from_pipeline_output)
 
 MAX_TOKENS = 77  # CLIP's context length (P2P's MAX_NUM_WORDS)
 SD_DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
@@ -267,10 +268,11 @@ class PromptToPrompt(DiffusionMethod):
     class Params(DiffusionMethod.Params):
         model: str = SD_DEFAULT_MODEL  # null_text_w_ptp.ipynb's checkpoint
         architecture: Literal["sd", "sdxl"] = "sd"  # sd = SD 1.x/2.x pipeline; sdxl = StableDiffusionXLPipeline
-        num_inference_steps: int = 50  # NUM_DDIM_STEPS
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # NUM_DDIM_STEPS
         guidance_scale: float = 7.5  # GUIDANCE_SCALE
         inversion: Literal["null_text", "ddim"] = "null_text"  # ddim = plain DDIM inversion (cheaper)
-        num_inner_steps: int = 10  # NullInversion.invert default
+        # NullInversion.invert default; tiny: 2 (each is a UNet forward and backward per step)
+        num_inner_steps: int | Literal["auto"] = auto_field(10, 2)
         early_stop_epsilon: float = 1e-5  # NullInversion.invert default
         null_text_lr: float = 1e-2  # null_optimization: Adam lr 1e-2 * (1 - i / 100)
         edit_kind: Literal["auto", "replace", "refine", "reweight"] = "auto"

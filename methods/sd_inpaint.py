@@ -22,14 +22,14 @@ helpers :func:`mask_to_pil` and :func:`paste_source_back` also serve ``paint_by_
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import DiffusionMethod, check_unit
+from ._diffusion_common import TINY_STEPS, DiffusionMethod, auto_field, check_unit
 
 
 def mask_to_pil(mask: np.ndarray, size_hw: tuple[int, int]) -> Any:
@@ -142,7 +142,7 @@ class SDInpaint(MaskedInpaintMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"  # diffusers inpaint docstring example
-        num_inference_steps: int = 50  # diffusers inpaint default
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # diffusers inpaint default
         guidance_scale: float = 7.5  # diffusers inpaint default
         strength: float = 1.0  # diffusers inpaint default; 1 = the masked area starts from pure noise
         paste_back: bool = True  # copy the source back outside the mask (exact unedited region)

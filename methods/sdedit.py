@@ -12,11 +12,11 @@ size 512 x 512 is the working resolution (ZONE: 512 x 512 inputs).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from harness.registry import METHODS
 
-from ._diffusion_common import DiffusionMethod, _check_number
+from ._diffusion_common import TINY_STEPS, DiffusionMethod, _check_number, auto_field
 
 
 @METHODS.register("sdedit")
@@ -31,7 +31,7 @@ class SDEdit(DiffusionMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # SD 1.5 (the maintained mirror of runwayml's)
-        num_inference_steps: int = 50  # diffusers img2img default (steps of the full schedule)
+        num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # diffusers img2img default (steps of the full schedule)
         guidance_scale: float = 7.5  # diffusers img2img default
         strength: float = 0.8  # diffusers img2img default; fraction of the schedule re-noised, in (0, 1]
 

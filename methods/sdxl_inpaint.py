@@ -28,10 +28,11 @@ the source size (bicubic). The diffusers pipeline applies SDXL's invisible water
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from harness.registry import METHODS
 
-from ._diffusion_common import DiffusionMethod
+from ._diffusion_common import TINY_RESOLUTION, TINY_STEPS, DiffusionMethod, auto_field
 from .sd_inpaint import MaskedInpaintMethod, check_paste_back, check_strength
 
 
@@ -47,11 +48,11 @@ class SDXLInpaint(MaskedInpaintMethod):
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
         model: str = "diffusers/stable-diffusion-xl-1.0-inpainting-0.1"  # SD-XL Inpainting 0.1 (model card)
-        num_inference_steps: int = 20  # model card example ("steps between 15 and 30 work well"); diffusers default 50
+        num_inference_steps: int | Literal["auto"] = auto_field(20, TINY_STEPS)  # model card example ("steps between 15 and 30 work well"); diffusers default 50
         guidance_scale: float = 8.0  # model card example; diffusers default 7.5
         strength: float = 0.99  # model card example ("use strength below 1.0"); diffusers default 0.9999
         paste_back: bool = False  # false = pipeline output as is (PartEdit's finite unedited-region PSNR)
-        resolution: int | None = 1024  # the checkpoint's training size (model card)
+        resolution: int | Literal["auto"] | None = auto_field(1024, TINY_RESOLUTION)  # the checkpoint's training size (model card)
 
         def __post_init__(self) -> None:
             super().__post_init__()

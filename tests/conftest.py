@@ -226,11 +226,12 @@ def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_S
     First run: every sample of ``sizes`` (id -> source (h, w)) edited and scored; every edit
     labelled as random weights of tiny backbone ``kind`` (edits table and edit.json); each stored
     edit an RGB image of its source's size; edit.json's steps, working size and seed those of
-    ``cfg``; every metric of ``cfg`` scored on every sample, finite and > 0 on region ``all``
+    ``cfg``, its ``auto_params`` the parameters ``cfg`` left at "auto"; every metric of ``cfg``
+    scored on every sample, finite and > 0 on region ``all``
     (random weights change the image). Second run: everything from the cache.
     """
     from harness.cache import EditStore
-    from harness.runner import _rss_bytes, run_job
+    from harness.runner import _rss_bytes, build_method, run_job
     from methods._diffusion_common import RANDOM_WEIGHTS_TAG
     from methods.diffusion.tiny import RANDOM_WEIGHTS_LABEL
 
@@ -246,6 +247,7 @@ def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_S
 
     method = cfg["method"]
     res = method["resolution"]
+    auto_resolved = build_method(method).params.auto_resolved
     store = EditStore(Path(cfg["results_dir"]) / cfg["run_name"] / "edits")
     records = {}
     for sid, (h, w) in sizes.items():
@@ -258,6 +260,8 @@ def run_tiny_job(cfg: dict, kind: str, sizes: dict[str, tuple[int, int]] = TWO_S
         assert info["revision"] == f"tiny-random-{kind}"
         assert info["steps"] == method["num_inference_steps"] and info["seed"] == cfg["seed"]
         assert info["working_size_hw"] == [res, res]
+        # the parameters the config left at "auto", as tiny mode resolved them (never one it set)
+        assert info["auto_params"] == auto_resolved and not set(auto_resolved) & set(method)
         # torch on the CPU: peak memory is the resident-set increase (tracemalloc cannot see tensors)
         assert info["memory_probe"] == ("rss" if _rss_bytes() > 0 else "tracemalloc")
         records[sid] = (rec, info)

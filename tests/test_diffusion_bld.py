@@ -168,7 +168,7 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path):
         rec, info = run.records[sid]
         assert info["prompt"] == "a blue thing"
         assert info["blending_percentage"] == 0.25 and info["blend_level"] == "next" and info["paste_back"] is True
-        assert info["denoising_steps"] == 2 and info["latent_mask_hw"] == [16, 16]  # tiny VAE: factor 2
+        assert info["denoising_steps"] == 2 and info["latent_mask_hw"] == [4, 4]  # 32 px / tiny VAE factor 8
         assert info["scheduler"] == ("DDIMScheduler" if KINDS[name] == "sd15" else "EulerDiscreteScheduler")
         mask = rec.mask()
         assert mask is not None and mask.shape == (h, w)

@@ -173,8 +173,9 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypat
             assert info["strength"] == 0.99 and info["denoising_steps"] == 1  # int(2 * 0.99)
             assert kw["prompt"] == "a blue thing" and (kw["guidance_scale"], kw["strength"]) == (8.0, 0.99)
             assert (kw["height"], kw["width"]) == (32, 32)
-            # int(2 * 0.99) = 1 step really run: one UNet forward of [uncond, cond], 9 channels
-            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (16, 16))]
+            # int(2 * 0.99) = 1 step really run: one UNet forward of [uncond, cond], 9 channels, on
+            # the 4 x 4 latent of 32 x 32 (the tiny VAE downsamples by 8, as SD's)
+            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (4, 4))]
         else:
             assert info["guidance_scale"] == 5.0 and info["condition"] == "reference"
             assert info["reference_fit"] == "stretch"
@@ -190,7 +191,7 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypat
                 assert info["reference_crop_box"] is None and info["reference_size_hw"] == [24, 32]
             assert np.array_equal(np.asarray(kw["example_image"]), resized_source(ref, crop))
             # both steps run, each one UNet forward of [uncond, cond] on 9 channels
-            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (16, 16))] * 2
+            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (4, 4))] * 2
         edit = rec.image().astype(int)
         # paste_back=false: the whole image went through the VAE, most pixels outside the mask too
         assert (np.abs(edit - source).max(-1)[~mask] > 2).mean() > 0.5

@@ -101,14 +101,15 @@ def test_tiny_sd15_builds_real_classes_with_sd15_scheduler():
 def test_tiny_sd15_pipeline_runs_deterministically():
     pipe = tiny.tiny_pipeline("sd15", diffusers.StableDiffusionPipeline)
     a = _run_sd(pipe, seed=0)
-    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    # the pipelines' default size: UNet sample size 8 x VAE factor 8 = tiny.TINY_RESOLUTION
+    assert a.shape == (1, 64, 64, 3) and np.isfinite(a).all()
     b = _run_sd(pipe, seed=0)
     assert np.array_equal(a, b)  # the same computation twice (inputs, kernels, shapes): bit for bit
     assert np.abs(a - _run_sd(pipe, seed=1)).mean() > 0.05  # other noise, another image (0.18 here)
     # a second, separately assembled pipeline has the same weights: the same computation, same output
     other = tiny.tiny_pipeline("sd15", diffusers.StableDiffusionPipeline)
     assert np.array_equal(a, _run_sd(other, seed=0))
-    # an explicit size works too (latent size = image size / 2 for the tiny VAE)
+    # an explicit size works too (latent size = image size / 8 for the tiny VAE, as for SD's)
     assert _run_sd(pipe, height=48, width=64).shape == (1, 48, 64, 3)
 
 
@@ -184,7 +185,7 @@ def test_load_pipeline_tiny_is_cached_and_labelled():
 def test_load_pipeline_tiny_bf16_on_cpu():
     loaded = load_pipeline(diffusers.StableDiffusionPipeline, ModelSpec("x/y", backbone="tiny", device="cpu", dtype="bf16"))
     assert loaded.pipeline.unet.dtype == torch.bfloat16 and loaded.dtype == "bf16"
-    assert _run_sd(loaded.pipeline, steps=1).shape == (1, 32, 32, 3)
+    assert _run_sd(loaded.pipeline, steps=1).shape == (1, 64, 64, 3)
 
 
 # -- load_pipeline: local folder / hub cache ------------------------------------------------------
@@ -219,7 +220,7 @@ def test_load_pipeline_from_hub_cache_offline(tmp_path, offline_env):
     assert resolve_revision(spec) == commit
     loaded = load_pipeline(diffusers.StableDiffusionPipeline, spec)
     assert loaded.revision == commit
-    assert _run_sd(loaded.pipeline).shape == (1, 32, 32, 3)
+    assert _run_sd(loaded.pipeline).shape == (1, 64, 64, 3)
 
 
 def test_missing_hub_model_names_model_and_fixes(offline_env):

@@ -55,13 +55,14 @@ def _close(a, b, tol=1e-3) -> bool:
 
 @pytest.fixture(scope="module")
 def tiny():
-    """The shared tiny SD 1.5 pipeline and the latent of a 32 x 32 textured image."""
+    """The shared tiny SD 1.5 pipeline and the 16 x 16 latent of a 128 x 128 textured image (the
+    tiny VAE downsamples by 8, as SD's)."""
     from methods.diffusion.inversion import encode_image
     from methods.diffusion.loading import load_pipeline
 
     m = _make("masactrl")
     pipe = load_pipeline(m.pipeline_class(), m.spec()).pipeline
-    return pipe, encode_image(pipe, textured(32, 32, seed=3))
+    return pipe, encode_image(pipe, textured(128, 128, seed=3))
 
 
 def _emb(pipe, z0, *prompts):
@@ -83,7 +84,10 @@ def test_params_defaults_yaml_and_validation():
     for name in ("masactrl", "plug_and_play"):  # the YAML mirrors every field with its default
         conf = yaml.safe_load((ROOT / "conf" / "method" / f"{name}.yaml").read_text())
         assert conf.pop("name") == name
-        assert conf == dataclasses.asdict(METHODS.get(name).Params())
+        cls = METHODS.get(name)
+        # "auto" fields stay "auto" in both; they resolve alike when parsed
+        assert conf == {f.name: f.default for f in dataclasses.fields(cls.Params)}
+        assert cls.parse_params(conf) == cls.Params()
     for name, bad, match in [
         ("masactrl", {"start_step": -1}, "start_step"),
         ("masactrl", {"start_layer": 2.5}, "start_layer"),

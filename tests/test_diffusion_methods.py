@@ -115,9 +115,10 @@ def test_tiny_edit_cached_scored_labelled_and_seeded(name, builder, tmp_path, mo
         source = np.asarray(Image.open(builder.root / "images" / f"{sid}.png"))
         assert np.array_equal(np.asarray(kw["image"]), resized_source(source, (32, 32)))  # PIL bicubic, same call
         assert call.generator_seed == 0 and call.generator_advanced  # seeded from the job and drawn from
-        # the number of steps really run: one UNet forward each, on the 16 x 16 latent of 32 x 32
+        # the number of steps really run: one UNet forward each, on the 4 x 4 latent of 32 x 32 (the
+        # tiny VAE downsamples by 8, as SD's)
         runs = [(u.batch, u.in_channels, u.latent_hw) for u in call.unet]
-        assert runs == [(unet_batch, channels, (16, 16))] * unet_runs
+        assert runs == [(unet_batch, channels, (4, 4))] * unet_runs
     assert len(spy.unet) == 2 * unet_runs
 
     # Same seed in a fresh cache: byte-identical edit files (the same computation: same inputs,

@@ -104,7 +104,7 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypat
         calls = spy.pipeline[n * per_edit:(n + 1) * per_edit]
         assert all(c.generator_seed == 0 for c in calls)
         if name == "diffedit":
-            assert info["source_caption"] == "a red thing" and info["mask_grid_hw"] == [16, 16]
+            assert info["source_caption"] == "a red thing" and info["mask_grid_hw"] == [4, 4]  # 32 px / VAE factor 8
             assert info["inpaint_strength"] == 0.8 and info["num_maps_per_mask"] == 2
             gen, inv, edit = calls
             assert [c.method for c in calls] == ["generate_mask", "invert", "__call__"]
@@ -116,20 +116,20 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypat
                                                "num_inference_steps", "guidance_scale")} == {
                 "num_maps_per_mask": 2, "mask_encode_strength": 0.5, "mask_thresholding_ratio": 3.0,
                 "num_inference_steps": 2, "guidance_scale": 7.5}
-            assert [(u.batch, u.latent_hw) for u in gen.unet] == [(8, (16, 16))]
+            assert [(u.batch, u.latent_hw) for u in gen.unet] == [(8, (4, 4))]
             # 2. inversion with the source caption, int(2 * 0.8) = 1 step; guidance is left at
             #    invert()'s own default 7.5 (classifier-free: 2 rows), as in diffusers' DiffEdit guide
             assert np.array_equal(np.asarray(inv.kwargs["image"]), work)
             assert inv.kwargs["prompt"] == "a red thing" and inv.kwargs["inpaint_strength"] == 0.8
             assert inv.kwargs["num_inference_steps"] == 2 and "guidance_scale" not in inv.kwargs
-            assert [(u.batch, u.latent_hw) for u in inv.unet] == [(2, (16, 16))]
+            assert [(u.batch, u.latent_hw) for u in inv.unet] == [(2, (4, 4))]
             # 3. the edit: that mask and those latents, target caption, source caption as negative
             assert edit.kwargs["mask_image"] is gen.result and edit.kwargs["image_latents"] is inv.result.latents
             assert (edit.kwargs["prompt"], edit.kwargs["negative_prompt"]) == ("a blue thing", "a red thing")
             assert edit.kwargs["inpaint_strength"] == 0.8 and edit.kwargs["guidance_scale"] == 7.5
-            assert [(u.batch, u.latent_hw) for u in edit.unet] == [(2, (16, 16))]
+            assert [(u.batch, u.latent_hw) for u in edit.unet] == [(2, (4, 4))]
             # the returned mask is the generated one (latent grid) resized to the source, nearest
-            grid = Image.fromarray((np.asarray(gen.result).reshape(16, 16) >= 0.5).astype(np.uint8) * 255)
+            grid = Image.fromarray((np.asarray(gen.result).reshape(4, 4) >= 0.5).astype(np.uint8) * 255)
             assert np.array_equal(mask, np.asarray(grid.resize((w, h), Image.NEAREST)) > 127)
             assert info["mask_fraction"] == pytest.approx(mask.mean())
         else:
@@ -142,7 +142,7 @@ def test_tiny_edit_cached_scored_and_labelled(name, builder, tmp_path, monkeypat
             assert kw["num_inference_steps"] == 2 and call.generator_advanced
             # strength 1: both steps run, each one UNet forward of [uncond, cond] on 9 channels
             # (noisy latent + mask + masked-image latent)
-            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (16, 16))] * 2
+            assert [(u.batch, u.in_channels, u.latent_hw) for u in call.unet] == [(2, 9, (4, 4))] * 2
             assert np.array_equal(mask, sample_mask)  # the sample's mask is returned with the edit
 
 

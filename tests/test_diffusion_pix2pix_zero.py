@@ -25,7 +25,9 @@ from .conftest import (PIXEL_L1, add_two_samples, assert_missing_weights, assert
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 NAME = "pix2pix_zero"
-FAST = {"name": NAME, "backbone": "tiny", "num_inference_steps": 2, "resolution": 32}
+# 128 px: 16 x 16 latents (the tiny VAE downsamples by 8, as SD's), the size the tolerances below
+# were measured on
+FAST = {"name": NAME, "backbone": "tiny", "num_inference_steps": 2, "resolution": 128}
 
 
 def _method(**extra):
@@ -118,13 +120,13 @@ def test_no_guidance_no_direction_is_plain_ddim_sampling(regularise, monkeypatch
     reg = {} if regularise else {"lambda_auto_corr": 0.0, "lambda_kl": 0.0}
     m = _method(cross_attention_guidance_amount=0.0, **reg)
     m.prepare()
-    src = textured(32, 32, seed=3)
+    src = textured(128, 128, seed=3)
     sample = Sample(id="s", dataset="d", source=src, source_caption="a red thing", target_caption="a red thing")
     seen = _capture_inversion(m, monkeypatch)
     out = m.edit(sample, seed=7)
     monkeypatch.undo()
     assert out.info["edit_direction_norm"] == 0.0
-    assert out.image.shape == (32, 32, 3)
+    assert out.image.shape == (128, 128, 3)
     ref, inverted = _reference_edit(src, "a red thing", 7, 2, 5.0, inverted=seen[0] if regularise else None)
     if not regularise:
         # without the regularisers the pipeline's inversion is plain DDIM inversion
@@ -136,7 +138,7 @@ def test_no_guidance_no_direction_is_plain_ddim_sampling(regularise, monkeypatch
 
 
 def test_regularisation_direction_and_guidance_change_the_edit():
-    src = textured(32, 32, seed=3)
+    src = textured(128, 128, seed=3)
     same = Sample(id="s", dataset="d", source=src, source_caption="a red thing", target_caption="a red thing")
     other = Sample(id="s", dataset="d", source=src, source_caption="a red thing", target_caption="a blue thing")
     base = _method(cross_attention_guidance_amount=0.0).edit(same, seed=7).image.astype(int)

@@ -93,7 +93,7 @@ class ModelSpec:
     attention_slicing: ``enable_attention_slicing()``.
     allow_downloads: let diffusers download missing files (also ``EDIT_HARNESS_ALLOW_DOWNLOADS=1``).
     backbone: ``real`` (the weights above) | ``tiny`` (random-weight tiny components; smoke runs).
-    tiny_kind: which tiny backbone (``sd15`` | ``ip2p`` | ``sdxl``); None = from the pipeline class.
+    tiny_kind: which tiny backbone (one of ``tiny.TINY_KINDS``); None = from the pipeline class.
     cache_dir: hub cache folder; None = from the environment (see :func:`hub_cache_dir`).
     """
 

@@ -6,8 +6,15 @@ Every factory builds the *real* diffusers / transformers classes (``UNet2DCondit
 ``PaintByExampleImageEncoder`` with a transformers ``CLIPImageProcessor``) from small configs, so a
 pipeline assembled from them runs the same code paths as Stable Diffusion 1.5, InstructPix2Pix,
 SD inpainting, SDXL, SDXL inpainting and Paint-by-Example, only with a few thousand random
-parameters. Initialisation is seeded inside ``torch.random.fork_rng`` so the
-weights are identical in every process and the caller's RNG state is untouched.
+parameters. They are shaped like the real ones where it sets the cost and the code paths: the
+VAE has as many down blocks as SD's (four; spatial factor 8, 4 latent channels), so a tiny run at
+a working size sees latents of the real models' size for it; only the channel counts are tiny.
+Initialisation is seeded inside ``torch.random.fork_rng`` so the weights are identical in every
+process and the caller's RNG state is untouched.
+
+``backbone=tiny`` also switches the adapters' ``"auto"`` parameters to small values
+(:data:`TINY_RESOLUTION`, :data:`TINY_STEPS` and method-specific ones; see
+``methods._diffusion_common.auto_field``), so that a smoke run takes seconds per edit.
 
 Outputs made with these backbones are noise: every result must carry
 :data:`RANDOM_WEIGHTS_LABEL` (``loading.load_pipeline`` sets it as ``weights_label``).
@@ -32,6 +39,17 @@ RANDOM_WEIGHTS_LABEL = "RANDOM WEIGHTS (tiny backbone, smoke run)"
 TINY_KINDS = ("sd15", "ip2p", "sdxl", "inpaint", "sdxl_inpaint", "paint_by_example")
 TINY_SEED = 0
 MODEL_MAX_LENGTH = 77  # the CLIP text context length, as in the real models
+# The VAE's spatial downsampling, as in SD 1.x / 2.x / XL (2 ** (number of down blocks - 1)).
+VAE_SCALE_FACTOR = 8
+# backbone=tiny defaults of the "auto" parameters: working size 64 x 64 (8 x 8 latents: every
+# level of the tiny UNets sees at least 2 x 2; a multiple of LEDITS++'s 32) and 4 sampling steps
+# (so that fractions of the schedule, e.g. SDEdit's strength 0.8 or P2P's 0.8 / 0.5 replace
+# steps, still select a non-empty, proper part of it).
+TINY_RESOLUTION = 64
+TINY_STEPS = 4
+# torch intra-op threads of a tiny edit (methods._diffusion_common.tiny_threads): its ops are too
+# small to split across threads.
+TINY_TORCH_THREADS = 1
 
 # Merges of the hand-written BPE: a handful of frequent English pieces so that the tokenizer
 # exercises real merging (not only single bytes). Any text still tokenizes without them.
@@ -158,19 +176,21 @@ def _euler_sdxl() -> Any:
 
 
 def _vae(scaling_factor: float) -> Any:
-    """A two-level AutoencoderKL: 4 latent channels, spatial factor 2 (8 in the real models)."""
+    """A four-level AutoencoderKL laid out like SD's (four down / up blocks: spatial factor
+    :data:`VAE_SCALE_FACTOR` = 8, 4 latent channels, an attention mid block), with 32-64 channels
+    (SD: 128-512) and one resnet per level (SD: two)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
-        sample_size=32,
+        sample_size=TINY_RESOLUTION,
         scaling_factor=scaling_factor,
     )
 
@@ -181,7 +201,7 @@ def _sd_unet(in_channels: int) -> Any:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=TINY_RESOLUTION // VAE_SCALE_FACTOR,  # pipelines' default size: this x 8 pixels
         in_channels=in_channels,
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -202,7 +222,7 @@ def _sdxl_unet(in_channels: int = 4) -> Any:
 
     time_dim = 8
     return UNet2DConditionModel(
-        sample_size=16,
+        sample_size=TINY_RESOLUTION // VAE_SCALE_FACTOR,  # pipelines' default size: this x 8 pixels
         in_channels=in_channels,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
