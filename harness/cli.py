@@ -610,8 +610,11 @@ def _hydra_run(overrides: list[str], jobs: Jobs | None = None) -> int:
         rest = [*rest, *(f"++hydra.job.env_set.{k}={_hydra_quote(v)}" for k, v in sweep.items())]
     argv = sys.argv
     sys.argv = ["edit-harness run", *flags, *rest]
+    from hydra_plugins.edit_harness_sweeper import checked_jobs
+
     try:
-        task()
+        with checked_jobs(jobs.points if jobs is not None else []):
+            task()
     finally:
         sys.argv = argv
     return 0

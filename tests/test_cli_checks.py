@@ -113,3 +113,32 @@ def test_valid_sweeps_pass_the_check():
     jobs = check_jobs(["dataset.ids=[coffee_cup_blue,flower_purple]"], multirun=False)
     assert len(jobs.points) == 1 and not jobs.multirun
     assert jobs.configs[0]["dataset"]["ids"] == ["coffee_cup_blue", "flower_purple"]
+
+
+# -- the sweeper does not compose again the jobs the CLI checked ----------------------------------
+def test_checked_sweeper_skips_only_the_jobs_the_cli_checked(monkeypatch):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    from hydra_plugins.edit_harness_sweeper import CheckedBasicSweeper, checked_jobs
+
+    validated = []
+    monkeypatch.setattr(BasicSweeper, "validate_batch_is_legal", lambda self, batch: validated.append(batch))
+    sweeper = CheckedBasicSweeper(max_batch_size=None)
+    with checked_jobs([["method=inpaint", "method.radius=1"], ["method=inpaint", "method.radius=2"]]):
+        sweeper.validate_batch_is_legal([["method=inpaint", "method.radius=1"], ["method=inpaint", "method.radius=2"]])
+        assert validated == []  # every job of the batch was checked: no second composition
+        sweeper.validate_batch_is_legal([["method=inpaint", "method.radius=1"], ["method=inpaint", "method.radius=3"]])
+        assert len(validated) == 1  # one job the CLI did not check: Hydra validates the batch
+    sweeper.validate_batch_is_legal([["method=inpaint", "method.radius=1"]])
+    assert len(validated) == 2  # outside the CLI's block nothing counts as checked
+
+
+def test_run_uses_the_checked_sweeper():
+    from hydra import compose, initialize_config_dir
+
+    from harness.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["experiment=recolor_strength"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.edit_harness_sweeper.CheckedBasicSweeper"
+    assert "method.strength" in cfg.hydra.sweeper.params  # an experiment's own sweep still reaches it

@@ -98,22 +98,26 @@ def test_generic_paths_outside_the_folder_are_refused_before_any_file_is_opened(
     builder.add_simple("link", source="images/link.png")
     (builder.root / "images" / "inner.png").symlink_to(builder.root / "images" / "good.png")
     builder.add_simple("innerlink", source="images/inner.png")  # a link that stays inside is fine
+    # a folder link leading out: the file under it is a plain name, the folder is what escapes
+    (builder.root / "linked").symlink_to(secret.parent, target_is_directory=True)
+    builder.add_simple("dirlink", source="linked/secret.png")
     opened.clear()  # from here on the harness alone opens files
     ds = open_dataset(builder.config())
     refs = {r.id: r for r in ds.refs()}
-    for sid in ("abs", "dotdot", "ref", "link"):
+    for sid in ("abs", "dotdot", "ref", "link", "dirlink"):
         assert ds.input_files(refs[sid]) == {}  # nothing to hash: the cache key never reads it
     errors = {p.sample_id: p for p in ds.validate()}
-    assert set(errors) == {"abs", "dotdot", "ref", "link"}
+    assert set(errors) == {"abs", "dotdot", "ref", "link", "dirlink"}
     assert errors["abs"].field == "source" and "is absolute" in str(errors["abs"])
     assert errors["dotdot"].field == "mask" and "'..' component" in str(errors["dotdot"])
     assert errors["ref"].field == "reference"
     assert errors["link"].field == "source" and "resolves outside the dataset folder" in str(errors["link"])
+    assert errors["dirlink"].field == "source" and "resolves outside the dataset folder" in str(errors["dirlink"])
     assert all(p.level == "error" for p in errors.values())
     # the whole run: failed rows naming sample and field, the others edited
     out = run_job(job_config(builder.config(), tmp_path / "res"))
     e = read_edits(out).set_index("sample_id")
-    assert out.counts == {"ok": 2, "skipped": 0, "failed": 4}
+    assert out.counts == {"ok": 2, "skipped": 0, "failed": 5}
     assert e.loc["link", "reason"].startswith("sample 'link', field 'source': path 'images/link.png' resolves outside")
     assert e.loc["abs", "reason"] == (f"sample 'abs', field 'source': path {str(secret)!r} is absolute; "
                                       "dataset paths must be relative to the dataset folder")

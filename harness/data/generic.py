@@ -35,12 +35,13 @@ import dataclasses
 import errno
 import hashlib
 import json
+import ntpath
 import os
 import re
 import threading
 import time
 import traceback
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -139,25 +140,39 @@ def path_problem(rel: Any) -> str | None:
         return f"must be a relative file path, got {rel!r}"
     if "\x00" in rel:
         return "contains a NUL character"
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive:
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or ntpath.splitdrive(rel)[0]:
         return f"path {rel!r} is absolute; dataset paths must be relative to the dataset folder"
     if ".." in _SEP.split(rel):
         return f"path {rel!r} has a '..' component; dataset paths must stay inside the dataset folder"
     return None
 
 
-def inside(root: Path, base: Path, rel: Any, sample_id: str, field: str, real_root: Path | None = None) -> Path:
+def inside(root: Path, base: Path, rel: Any, sample_id: str, field: str, real_root: Path | None = None,
+           dirs: dict[str, str] | None = None) -> Path:
     """``base / rel`` checked to be a file path inside the dataset folder ``root``, without
     opening anything (only the links on the way are read): ``rel`` must pass
     :func:`path_problem`, and the path with its symbolic links resolved must lie under ``root``'s.
-    Raises SampleError naming the sample and the field (and only the relative path)."""
+    Raises SampleError naming the sample and the field (and only the relative path).
+
+    ``dirs``: a cache of resolved folders for one pass over a manifest (samples share a few
+    folders): the file itself is then checked with one ``lstat`` (resolved in full only when it
+    is a link) instead of resolving every component again. The check repeated just before a
+    file is opened passes no cache."""
     problem = path_problem(rel)
     if problem:
         raise SampleError(sample_id, field, problem)
     path = base / rel
     try:
-        real = path.resolve()
         real_root = real_root or root.resolve()
+        if dirs is None or path.is_symlink():
+            real = path.resolve()
+        else:
+            # os.path on strings: this runs for every file of every manifest line
+            folder, name = os.path.split(os.path.join(base, rel))
+            real_dir = dirs.get(folder)
+            if real_dir is None:
+                real_dir = dirs[folder] = os.path.realpath(folder)
+            real = Path(real_dir, name)
     except (OSError, RuntimeError) as e:  # a symbolic link loop
         raise SampleError(sample_id, field, f"path {rel!r} cannot be resolved: {type(e).__name__}") from None
     if not real.is_relative_to(real_root):
@@ -278,6 +293,7 @@ class GenericDataset(DatasetLoader):
             raise ValueError(f"{owner}: extra_categories must be a list of names, got {extra!r}")
         self.categories = (*CATEGORIES, *(c for c in (extra or ()) if c not in CATEGORIES))
         self._real_root = self.root.resolve()
+        self._real_dirs: dict[str, str] = {}  # folders resolved while reading the manifest (inside())
 
     @staticmethod
     def read_card(root: Path) -> dict[str, Any]:
@@ -336,7 +352,7 @@ class GenericDataset(DatasetLoader):
         for key in (*IMAGE_KEYS, *MASK_KEYS):  # before anything opens (or hashes) a file
             if record.get(key) is not None:
                 try:
-                    inside(self.root, self.root, record[key], sid, key, self._real_root)
+                    inside(self.root, self.root, record[key], sid, key, self._real_root, self._real_dirs)
                 except SampleError as e:
                     return e
         category = record.get("category")

@@ -191,6 +191,7 @@ class MagicBrushDataset(DatasetLoader):
         self.images_dir = images_dir
         self.images_root = self.root / images_dir
         self._real_root = self.root.resolve()
+        self._real_dirs: dict[str, str] = {}  # folders resolved while reading the manifest (inside())
         self.version = str(version if version is not None else "1")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
         self._sessions: list[tuple[str, list[SampleRef]]] | None = None
@@ -247,7 +248,7 @@ class MagicBrushDataset(DatasetLoader):
             record[key] = v
         for key in ("input", "output", "mask"):  # before anything opens (or hashes) a file
             try:
-                inside(self.root, self.images_root / img_id, record[key], sid, key, self._real_root)
+                inside(self.root, self.images_root / img_id, record[key], sid, key, self._real_root, self._real_dirs)
             except SampleError as e:
                 return SampleRef(sid, record, sid, error=e)
         record["target_caption"] = _caption(captions["local"], img_id, record["output"])

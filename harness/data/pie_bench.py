@@ -169,6 +169,7 @@ class PieBenchDataset(DatasetLoader):
         self.images_dir = images_dir
         self.images_root = self.root / images_dir
         self._real_root = self.root.resolve()
+        self._real_dirs: dict[str, str] = {}  # folders resolved while reading the manifest (inside())
         self.max_pixels = check_max_pixels(max_pixels, f"dataset '{self.name}'")
         self.version = str(version if version is not None else "1")
         self.limit, self.shard, self.ids = subset_params(self.name, limit, shard, ids)
@@ -237,7 +238,7 @@ class PieBenchDataset(DatasetLoader):
                 key, "editing_type_id", f"unknown editing type {type_id!r}; known: {', '.join(EDITING_TYPES)}"
             )
         try:  # before anything opens (or hashes) the image
-            inside(self.root, self.images_root, rec["image_path"], key, "image_path", self._real_root)
+            inside(self.root, self.images_root, rec["image_path"], key, "image_path", self._real_root, self._real_dirs)
         except SampleError as e:
             return e
         if "mask" not in rec:
