@@ -993,6 +993,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, UnknownNameError) as e:
         print(f"edit-harness: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`edit-harness list | head`): stop quietly, as Unix tools do; the
+        # flush at exit must not write to the closed pipe again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
 
 
 if __name__ == "__main__":

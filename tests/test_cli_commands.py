@@ -210,3 +210,14 @@ def test_configs_are_found_through_harness_paths(builder, tmp_path, monkeypatch,
     assert capsys.readouterr().out.splitlines()[:2] == ["protocol tinyproto:", "  present  l1: none"]
     assert main(["validate", "mien"]) == 2
     assert "unknown dataset 'mien': not a config (did you mean 'mine'?)" in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`edit-harness list | head -1`: the reader closes the pipe; no BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the command (still importing) writes anything
+    err = proc.stderr.read().decode()
+    rc = proc.wait(timeout=60)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert rc == 141  # 128 + SIGPIPE, as a shell reports a tool stopped by a closed pipe
