@@ -820,9 +820,13 @@ def write_report(
                                                      label="tab:results_by_category")
     files["edits.md"] = write_edits_md(out_dir / "edits.md", edits, by)
     protocols = sorted({p for v in summary["protocol"] for p in _parts(v) if p != "runner"}) if len(summary) else []
-    unscored = [" / ".join(format_params(r[k], empty="—") if k == "params" else str(r[k]) for k in by
-                           if k != "params" or format_params(r[k], empty=""))
-                for r in _unscored_groups(edits, by)]
+    # the terminal names unscored methods only (their parameters are in table.md): a sweep's
+    # parameter points are counted, not spelled out
+    points: dict[str, int] = {}
+    for r in _unscored_groups(edits, by):
+        name = " / ".join(str(r[k]) for k in by if k != "params")
+        points[name] = points.get(name, 0) + 1
+    unscored = [f"{name} ({n} parameter points)" if n > 1 else name for name, n in points.items()]
     terminal = out_dir / TERMINAL_FILE
     runs, datasets = _distinct(scores, edits, "run"), _distinct(scores, edits, "dataset")
     context = (f"run {', '.join(runs) or 'n/a'}; dataset {', '.join(datasets) or 'n/a'}; "

@@ -73,12 +73,15 @@ def test_terminal_table_caps_columns_and_lists_unscored(tmp_path):
     run = tmp_path / "run"
     metrics = [f"m{k:02d}" for k in range(MAX_TERMINAL_COLUMNS + 3)]
     write_job(run, "j_a", "a", {}, {(m, "all"): [0.5, 0.6] for m in metrics})
-    write_job(run, "j_s", "sdedit", {}, {("m00", "all"): [0.1, 0.1]}, statuses=["skipped", "skipped"])
+    write_job(run, "j_s", "sdedit", {"model": "x/y", "steps": 50}, {("m00", "all"): [0.1, 0.1]},
+              statuses=["skipped", "skipped"])
+    for strength in (0.5, 0.8):  # a swept method: its points are counted, not spelled out
+        write_job(run, f"j_p{strength}", "pnp", {"strength": strength}, {("m00", "all"): [0.1]}, statuses=["failed"])
     files = write_report(run, tmp_path / "out", per_category=False, cost_columns=False)
     lines = files["terminal"].read_text().splitlines()
     assert _cells(lines[1])[3:] == [f"{m} [all] ↓" for m in metrics[:MAX_TERMINAL_COLUMNS]]
     assert "95% CIs; 3 more column(s)" in lines[-2]
-    assert lines[-1] == "Not scored (every edit skipped or failed, reasons in table.md): sdedit."
+    assert lines[-1] == "Not scored (every edit skipped or failed, reasons in table.md): pnp (2 parameter points), sdedit."
 
 
 def test_terminal_table_without_scores(tmp_path):
