@@ -91,7 +91,8 @@ def test_package_list_holds_every_python_package():
     found |= {"hydra_plugins"} | {f"hydra_plugins.{p.name}" for p in (REPO / "hydra_plugins").iterdir()
                                   if p.is_dir() and p.name != "__pycache__"}
     assert found - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
-    assert listed - found == {"harness._resources.conf", "harness._resources.datasets"}
+    assert listed - found == {"harness._resources.conf", "harness._resources.datasets",
+                              "harness._resources.results.paper"}
     # hydra_plugins is a namespace package shared with other Hydra plugins: it must stay without __init__.py.
     assert not (REPO / "hydra_plugins" / "__init__.py").exists()
 
@@ -115,9 +116,12 @@ def test_wheel_holds_configs_sample_set_and_hydra_plugin_and_nothing_else(dists)
     code = {p.relative_to(REPO).as_posix() for top in ("harness", "methods", "hydra_plugins")
             for p in (REPO / top).rglob("*.py") if "__pycache__" not in p.parts}
     assert "hydra_plugins/edit_harness_searchpath/__init__.py" in code and code <= names
+    paper = {p.relative_to(REPO).as_posix() for p in (REPO / "results" / "paper").rglob("*") if p.is_file()}
+    assert "results/paper/zone/table1.csv" in paper and {f"{RESOURCES}/{p}" for p in paper} <= names
     # Nothing else: no tests, results, top-level conf/ or datasets/, build script, caches.
     dist_info = {n for n in names if n.split("/")[0].endswith(".dist-info")}
-    assert names - dist_info == code | {f"{RESOURCES}/{c}" for c in confs} | {f"{RESOURCES}/{s}" for s in sample}
+    assert names - dist_info == (code | {f"{RESOURCES}/{c}" for c in confs} | {f"{RESOURCES}/{s}" for s in sample}
+                                 | {f"{RESOURCES}/{p}" for p in paper})
     assert "hydra_plugins/__init__.py" not in names
     # Size: the sample set is about 3 MB of PNGs, the whole wheel compressed about the same.
     sample_bytes = sum(infos[f"{RESOURCES}/{s}"].file_size for s in sample)
@@ -133,7 +137,9 @@ def test_sdist_holds_sources_configs_and_sample_set_but_no_results(dists):
     assert {"pyproject.toml", "MANIFEST.in", "conf/config.yaml", "datasets/sample/build_sample_set.py",
             "hydra_plugins/edit_harness_searchpath/__init__.py", "tests/plugin_example/pyproject.toml"} <= names
     assert _sample_files() <= names
-    assert not [n for n in names if n.startswith(("results/", ".venv/", "build/")) or "__pycache__" in n]
+    assert "results/paper/zone/table1.csv" in names  # the published tables are sources
+    assert not [n for n in names if (n.startswith("results/") and not n.startswith("results/paper/"))
+                or n.startswith((".venv/", "build/")) or "__pycache__" in n]
 
 
 # -- the installed wheel ---------------------------------------------------------------------------------
@@ -149,6 +155,7 @@ def test_installed_wheel_runs_from_any_folder_without_the_checkout(installed, tm
             "            if c.__name__ == 'EditHarnessSearchPathPlugin']\n"
             "print(json.dumps({'harness': harness.__file__, 'methods': methods.__file__, 'root': str(p.RESOURCE_ROOT),\n"
             "                  'plugin': sys.modules[plugin.__module__].__file__,\n"
+            "                  'zone_table1_rows': len(__import__('harness.paper').paper.load_table('zone/table1')),\n"
             "                  'sys_path': [os.path.realpath(x) for x in sys.path if x]}))\n")
     where = json.loads(_ok(subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env,
                                           capture_output=True, text=True, timeout=120)).stdout)
@@ -158,6 +165,8 @@ def test_installed_wheel_runs_from_any_folder_without_the_checkout(installed, tm
     assert Path(where["root"]).resolve() == target / "harness" / "_resources"
     assert Path(where["plugin"]).resolve() == target / "hydra_plugins" / "edit_harness_searchpath" / "__init__.py"
     assert str(REPO.resolve()) not in where["sys_path"] and str(cwd.resolve()) not in where["sys_path"]
+    # the published tables ship too (harness/paper.py reads them beside the configs)
+    assert where["zone_table1_rows"] == len(pd.read_csv(REPO / "results" / "paper" / "zone" / "table1.csv"))
 
     script = installed / "bin" / "edit-harness"
     proc = _ok(subprocess.run([str(script), "run", "method=identity", "metrics=pixel", "dataset.limit=2",
