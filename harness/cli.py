@@ -4,6 +4,7 @@
   edit-harness report RUN_DIR [...]       rebuild tables and plots from stored scores
   edit-harness score EDITS_DIR            score a folder of edits made elsewhere (<sample_id>.png)
   edit-harness validate DATASET           check a dataset (config name or folder)
+  edit-harness gate RUN --baseline BASE   regression gate: exit 1 on a regression against a baseline run
   edit-harness weights [PROTOCOL...]      which metric (and method) weights are present, how to provide the rest
   edit-harness list                       methods, datasets, metrics, protocols, experiments
 
@@ -956,7 +957,54 @@ def _cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights, "list": _cmd_list}
+def _cmd_gate(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="edit-harness gate",
+        description="Regression gate: compare every method x parameter point x metric x region of RUN with the "
+                    "same cell of a baseline run (95% bootstrap interval of the change of the mean: paired when "
+                    "both runs scored the same samples, unpaired otherwise). A cell regressed when the whole "
+                    "interval lies beyond its tolerance on the metric's bad side, improved on the good side, else "
+                    "it is unchanged. Exit 0: no regression; 1: a regression; 2: could not compare (different "
+                    "protocol, weights or region rule, a metric missing from the run, no common method).",
+        epilog="example: edit-harness gate results/pr --baseline results/main --tolerance l1=abs:0.01 "
+               "--tolerance psnr=rel:0.05 --junit gate.xml",
+    )
+    ap.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder to check (results/<run>)")
+    ap.add_argument("--baseline", required=True, metavar="BASELINE_RUN",
+                    help="the baseline run folder (published-table baselines, paper/TABLE, are not available yet)")
+    ap.add_argument("--tolerance", action="append", default=[], metavar="METRIC=abs:V|rel:F",
+                    help="allowed change per metric (METRIC, metric/region, or 'default' for the others): abs:V in "
+                         "the metric's units, rel:F as a fraction of the baseline mean; default abs:0. Repeat the "
+                         "flag or separate with commas: l1=abs:0.01,psnr=rel:0.05")
+    ap.add_argument("--metrics", action="append", default=[], metavar="METRIC[,METRIC...]",
+                    help="gate only these metrics (or metric/region); each must be scored in both runs")
+    ap.add_argument("--junit", type=Path, metavar="PATH", help="also write JUnit XML (one test case per cell)")
+    a = ap.parse_intermixed_args(argv)
+    from .gate import GateError, gate, parse_tolerance, write_junit
+
+    def items(values: list[str]) -> list[str]:
+        return [v.strip() for text in values for v in text.split(",") if v.strip()]
+
+    try:
+        tolerances = dict(parse_tolerance(t) for t in items(a.tolerance))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        result = gate(a.run_dir, a.baseline, tolerances, items(a.metrics) or None)
+    except GateError as e:
+        print(f"edit-harness gate: could not compare: {e}", file=sys.stderr)
+        if a.junit:
+            write_junit(a.junit, None, error=str(e))
+        return 2
+    print(result.table())
+    if a.junit:
+        write_junit(a.junit, result)
+        print(f"JUnit XML written to {a.junit}")
+    return result.exit_code
+
+
+COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights,
+            "list": _cmd_list, "gate": _cmd_gate}
 
 
 def _run(rest: list[str]) -> int:
