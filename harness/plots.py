@@ -1,4 +1,6 @@
-"""Plots for reports: metric vs swept parameter curves, and per-metric bar charts.
+"""Plots for reports: metric vs swept parameter curves, and per-metric bar charts; and the
+papers' figures (:func:`figures_for_run`): CLIP-I vs CLIP-T per edit category (ZONE's Figure 6),
+ablation bar charts, and qualitative grids of sources and edits as PNG and PDF.
 
 matplotlib is imported lazily inside the functions, and figures are drawn on an explicit
 Agg canvas (no pyplot, no global backend switch), under matplotlib's default style so a
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .aggregate import format_params, group_columns
+from .aggregate import format_params, group_columns, params_sort_key, reason_head
 from .fileio import save_bytes
 
 DPI = 100
@@ -92,10 +94,10 @@ def _fit_width(fig, ax, plot_width: float) -> None:
     fig.draw_without_rendering()
 
 
-def _save(fig, out_path: str | Path) -> Path:
+def _save(fig, out_path: str | Path, dpi: float = DPI) -> Path:
     out_path = Path(out_path)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     save_bytes(out_path, buf.getvalue())
     return out_path
 
@@ -201,18 +203,24 @@ def _hib(d: pd.DataFrame) -> bool:
     return bool(d["higher_is_better"].iloc[0]) if len(d) else True
 
 
+CI_STYLES = ("band", "bars")
+
+
 def figure_metric_vs_param(
-    summary_with_params: pd.DataFrame, metric: str, region: str, param: str
+    summary_with_params: pd.DataFrame, metric: str, region: str, param: str, ci_style: str = "band"
 ) -> tuple[Any, list[str], str | None]:
     """The figure of :func:`plot_metric_vs_param`, laid out, not saved: ``(figure or None,
-    skipped series, reason when None)``."""
+    skipped series, reason when None)``. ``ci_style``: the 95% CI as a shaded ``band`` (the
+    report's default) or as error ``bars`` at each point (what papers usually print)."""
     with _style():
-        return _figure_metric_vs_param(summary_with_params, metric, region, param)
+        return _figure_metric_vs_param(summary_with_params, metric, region, param, ci_style)
 
 
 def _figure_metric_vs_param(
-    summary_with_params: pd.DataFrame, metric: str, region: str, param: str
+    summary_with_params: pd.DataFrame, metric: str, region: str, param: str, ci_style: str = "band"
 ) -> tuple[Any, list[str], str | None]:
+    if ci_style not in CI_STYLES:
+        raise ValueError(f"ci_style must be one of {', '.join(CI_STYLES)}, not {ci_style!r}")
     col = param if param.startswith("p.") else f"p.{param}"
     name = col[2:]
     s = summary_with_params
@@ -266,7 +274,7 @@ def _figure_metric_vs_param(
         hidden += int((~ok).sum())
         ax.plot(x[ok], m[ok], marker=marker, ms=4, lw=1.5, ls=ls, color=color, label=label)
         band = ok & np.isfinite(lo) & np.isfinite(hi)
-        if band.sum() >= 2:
+        if band.sum() >= 2 and ci_style == "band":
             ax.fill_between(x[band], lo[band], hi[band], color=color, alpha=alpha, lw=0)
         elif band.any():
             ax.errorbar(x[band], m[band], yerr=_yerr(m[band], lo[band], hi[band]), fmt="none", ecolor=color,
@@ -275,7 +283,8 @@ def _figure_metric_vs_param(
     if xs_all and min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 100:
         ax.set_xscale("log")
     ax.set_xlabel(name)
-    _titles(fig, ax, f"{metric} [{region}] vs {name}: mean, band = 95% bootstrap CI",
+    _titles(fig, ax, f"{metric} [{region}] vs {name}: mean, {'band' if ci_style == 'band' else 'error bars'} = 95% "
+            "bootstrap CI",
             f"{metric} [{region}]  ({direction(hib)})")
     ax.grid(True, alpha=0.3)
     _legend(ax, len(drawn))
@@ -293,20 +302,22 @@ def _yerr(m: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
 
 
 def plot_metric_vs_param(
-    summary_with_params: pd.DataFrame, metric: str, region: str, param: str, out_path: str | Path
+    summary_with_params: pd.DataFrame, metric: str, region: str, param: str, out_path: str | Path,
+    ci_style: str = "band",
 ) -> PlotResult:
     """Mean of (metric, region) against a numeric parameter, one line per method and setting
-    of the other parameters, with the 95% CI as a band. ``param`` may carry the ``p.`` prefix.
+    of the other parameters, with the 95% CI as a band (``ci_style="bars"``: error bars). ``param``
+    may carry the ``p.`` prefix; ``out_path`` ends in .png or .pdf.
 
     ``summary_with_params`` is ``expand_params(summarize(...))``. Writes ``out_path`` unless no
     series is left to draw (no row with a numeric value of ``param``, or every series skipped:
     see :func:`series_skip_reason`).
     """
     with _style():
-        fig, skipped, reason = _figure_metric_vs_param(summary_with_params, metric, region, param)
+        fig, skipped, reason = _figure_metric_vs_param(summary_with_params, metric, region, param, ci_style)
         if fig is None:
             return PlotResult(None, skipped, reason)
-        return PlotResult(_save(fig, out_path), skipped)
+        return PlotResult(save_figure(fig, out_path), skipped)
 
 
 def figure_bars(summary: pd.DataFrame, metric: str) -> tuple[Any, list[str], str | None]:
@@ -389,3 +400,609 @@ def plot_bars(summary: pd.DataFrame, metric: str, out_path: str | Path) -> PlotR
         if fig is None:
             return PlotResult(None, skipped, reason)
         return PlotResult(_save(fig, out_path), skipped)
+
+
+# ----------------------------------------------------------------------------------------------
+# the papers' figures: CLIP-I vs CLIP-T per category, ablation bars, qualitative grids
+# ----------------------------------------------------------------------------------------------
+CATEGORY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def _save_pdf(figs: Sequence[Any], out_path: str | Path, dpi: float = DPI) -> Path:
+    """One PDF page per figure (``dpi``: the resolution images are embedded at). The creation
+    date is left out, so the same data gives the same bytes (matplotlib's PdfPages writes no
+    other clock-dependent field)."""
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    out_path = Path(out_path)
+    buf = io.BytesIO()
+    with PdfPages(buf, metadata={"CreationDate": None}) as pdf:
+        for fig in figs:
+            pdf.savefig(fig, dpi=dpi)
+    save_bytes(out_path, buf.getvalue())
+    return out_path
+
+
+def save_figure(fig, out_path: str | Path) -> Path:
+    """Write ``fig`` as PNG or PDF, chosen by the suffix of ``out_path``."""
+    suffix = Path(out_path).suffix.lower()
+    if suffix == ".pdf":
+        return _save_pdf([fig], out_path)
+    if suffix == ".png":
+        return _save(fig, out_path)
+    raise ValueError(f"{out_path}: a figure is written as .png or .pdf, not {suffix or 'no suffix'}")
+
+
+def _line_groups(d: pd.DataFrame, gcols: Sequence[str]) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """(key record, rows) per group, methods and parameter points in table order (method name,
+    then parameters in natural order), whatever the summary's row order."""
+    out = []
+    for key, g in d.groupby(list(gcols), sort=False, dropna=False):
+        out.append((dict(zip(gcols, key if isinstance(key, tuple) else (key,))), g))
+
+    def order(item: tuple[dict[str, Any], pd.DataFrame]) -> tuple:
+        rec = item[0]
+        return tuple(params_sort_key(rec[c]) if c == "params" and isinstance(rec[c], str) else _natural(rec[c])
+                     for c in gcols)
+
+    return sorted(out, key=order)
+
+
+def figure_clip_tradeoff(
+    summary_by_category: pd.DataFrame, x_metric: str = "clip_t", y_metric: str = "clip_i", region: str = "all",
+    categories: Sequence[str] | None = None, intervals: bool = True,
+) -> tuple[Any, list[str], str | None]:
+    """ZONE's Figure 6 ("stability analysis"): for each method (and parameter point), its mean
+    ``y_metric`` (CLIP-I) against its mean ``x_metric`` (CLIP-T) in every edit category, the
+    categories of one method joined by one line of one colour, each category marked by its own
+    marker. Upper right is better when both metrics are higher-is-better (the paper's reading: a
+    short line = stable across edit types, near the upper-right corner = good quality).
+
+    ``summary_by_category`` is ``summarize(scores, by, per_category=True)``. Categories are
+    joined in the order of ``categories`` (default: sorted); with ``intervals`` each point
+    carries its 95% CIs as horizontal and vertical error bars. A method with no category where
+    both means are finite is left out (returned in the skipped list).
+    Returns ``(figure or None, skipped series, reason when None)``.
+    """
+    with _style():
+        return _figure_clip_tradeoff(summary_by_category, x_metric, y_metric, region, categories, intervals)
+
+
+def _figure_clip_tradeoff(s: pd.DataFrame, x_metric: str, y_metric: str, region: str,
+                          categories: Sequence[str] | None, intervals: bool) -> tuple[Any, list[str], str | None]:
+    if "category" not in s.columns:
+        return None, [], "the summary has no category column (summarize(..., per_category=True))"
+    d = s[s["metric"].isin([x_metric, y_metric]) & (s["region"] == region)]
+    have = set(d["metric"])
+    lacking = [m for m in (x_metric, y_metric) if m not in have]
+    if lacking:
+        return None, [], f"no {' or '.join(lacking)} rows in region {region}"
+    gcols = [c for c in group_columns(s) if c != "category"]
+    cats_present = sorted({str(c) for c in d["category"]})
+    if categories is None:
+        cats = cats_present
+    else:
+        unknown = [c for c in categories if c not in cats_present]
+        if unknown:
+            raise ValueError(f"categories {unknown} have no {x_metric}/{y_metric} rows; "
+                             f"the summary's categories: {', '.join(cats_present)}")
+        cats = list(categories)
+    groups = _line_groups(d, gcols)
+    label_keys = [c for c in gcols if c == "method" or d[c].astype(str).nunique(dropna=False) > 1]
+    skipped: list[str] = []
+    drawn = []
+    for rec, g in groups:
+        cells = {(str(r["category"]), r["metric"]): r for r in g.to_dict("records")}
+        pts = []  # (category, x row, y row) of the categories where both means are finite
+        for c in cats:
+            xr, yr = cells.get((c, x_metric)), cells.get((c, y_metric))
+            if xr is not None and yr is not None and np.isfinite(xr["mean"]) and np.isfinite(yr["mean"]):
+                pts.append((c, xr, yr))
+        label = _label(rec, label_keys)
+        if not pts:
+            skipped.append(f"{label}: no category with finite {x_metric} and {y_metric}")
+            continue
+        ns = [min(int(xr["n"]), int(yr["n"])) for _, xr, yr in pts]
+        drawn.append((_legend_label(label, ns), pts))
+    if not drawn:
+        return None, skipped, "no series left to draw (" + "; ".join(skipped) + ")"
+    cat_labels = [f"category: {c}" for c in cats]
+    plot_width = 4.6
+    fig, ax = _axes([lb for lb, _ in drawn] + cat_labels, plot_width=plot_width, height=4.6)
+    for i, (label, pts) in enumerate(drawn):
+        color = f"C{i % 10}"
+        x = np.array([xr["mean"] for _, xr, _ in pts], dtype=np.float64)
+        y = np.array([yr["mean"] for _, _, yr in pts], dtype=np.float64)
+        ax.plot(x, y, ls="-", lw=1.5, color=color, label=label, zorder=2)
+        for c, xr, yr in pts:
+            marker = CATEGORY_MARKERS[cats.index(c) % len(CATEGORY_MARKERS)]
+            ax.plot([xr["mean"]], [yr["mean"]], ls="none", marker=marker, ms=6, color=color, zorder=3)
+        if intervals:
+            xlo = np.array([xr["ci_low"] for _, xr, _ in pts], dtype=np.float64)
+            xhi = np.array([xr["ci_high"] for _, xr, _ in pts], dtype=np.float64)
+            ylo = np.array([yr["ci_low"] for _, _, yr in pts], dtype=np.float64)
+            yhi = np.array([yr["ci_high"] for _, _, yr in pts], dtype=np.float64)
+            ok = np.isfinite(xlo) & np.isfinite(xhi) & np.isfinite(ylo) & np.isfinite(yhi)
+            if ok.any():
+                ax.errorbar(x[ok], y[ok], xerr=_yerr(x[ok], xlo[ok], xhi[ok]), yerr=_yerr(y[ok], ylo[ok], yhi[ok]),
+                            fmt="none", ecolor=color, elinewidth=0.8, capsize=2, alpha=0.6, zorder=1)
+    # the category markers' key: black markers, no line (a proxy artist per category)
+    for c in cats:
+        ax.plot([], [], ls="none", marker=CATEGORY_MARKERS[cats.index(c) % len(CATEGORY_MARKERS)], color="0.2",
+                label=f"category: {c}")
+    hib = {m: _hib(d[d["metric"] == m]) for m in (x_metric, y_metric)}
+    ax.set_xlabel(f"{x_metric} [{region}]  ({direction(hib[x_metric])})")
+    corner = ("upper" if hib[y_metric] else "lower") + " " + ("right" if hib[x_metric] else "left")
+    _titles(fig, ax, f"{y_metric} vs {x_metric} per edit category: one line per method joining its categories; "
+            f"{corner} is better" + (", error bars = 95% bootstrap CI" if intervals else ""),
+            f"{y_metric} [{region}]  ({direction(hib[y_metric])})")
+    ax.grid(True, alpha=0.3)
+    _legend(ax, len(drawn) + len(cats))
+    _fit_width(fig, ax, plot_width)
+    return fig, skipped, None
+
+
+def plot_clip_tradeoff(
+    summary_by_category: pd.DataFrame, out_path: str | Path, x_metric: str = "clip_t", y_metric: str = "clip_i",
+    region: str = "all", categories: Sequence[str] | None = None, intervals: bool = True,
+) -> PlotResult:
+    """:func:`figure_clip_tradeoff` written to ``out_path`` (.png or .pdf); arguments as there."""
+    with _style():
+        fig, skipped, reason = _figure_clip_tradeoff(summary_by_category, x_metric, y_metric, region, categories,
+                                                     intervals)
+        if fig is None:
+            return PlotResult(None, skipped, reason)
+        return PlotResult(save_figure(fig, out_path), skipped)
+
+
+def figure_ablation(
+    summary: pd.DataFrame, metric: str, region: str = "all", by_category: bool = False,
+    groups: Sequence[str] | None = None, categories: Sequence[str] | None = None,
+) -> tuple[Any, list[str], str | None]:
+    """An ablation bar chart: one metric in one region, one bar per method and parameter point
+    (its legend label, with n), the 95% CI as error bars. With ``by_category`` (a summary from
+    ``summarize(..., per_category=True)``) the bars are grouped by edit category along x.
+
+    ``groups`` picks and orders the bars by legend label (without the ``[n=..]`` suffix, e.g.
+    ``"recolor (strength=0.5)"``); default: every group in table order. A group whose values
+    are all 0 or none finite is left out as in :func:`series_skip_reason`.
+    Returns ``(figure or None, skipped series, reason when None)``.
+    """
+    with _style():
+        return _figure_ablation(summary, metric, region, by_category, groups, categories)
+
+
+def _figure_ablation(
+    s: pd.DataFrame, metric: str, region: str, by_category: bool, groups: Sequence[str] | None,
+    categories: Sequence[str] | None,
+) -> tuple[Any, list[str], str | None]:
+    if by_category and "category" not in s.columns:
+        return None, [], "by_category needs a summary with a category column (summarize(..., per_category=True))"
+    d = s[(s["metric"] == metric) & (s["region"] == region)]
+    if len(d) == 0:
+        return None, [], f"no rows for {metric} [{region}]"
+    gcols = [c for c in group_columns(s) if c != "category"]
+    cats = sorted({str(c) for c in d["category"]}) if by_category else [""]
+    if by_category and categories is not None:
+        unknown = [c for c in categories if c not in cats]
+        if unknown:
+            raise ValueError(f"categories {unknown} have no {metric} [{region}] rows; known: {', '.join(cats)}")
+        cats = list(categories)
+    label_keys = [c for c in gcols if c == "method" or d[c].astype(str).nunique(dropna=False) > 1]
+    found = [(_label(rec, label_keys), g) for rec, g in _line_groups(d, gcols)]
+    if groups is not None:
+        by_label = dict(found)
+        unknown = [g for g in groups if g not in by_label]
+        if unknown:
+            raise ValueError(f"groups {unknown} not in the {metric} [{region}] rows; known: "
+                             + ", ".join(lb for lb, _ in found))
+        found = [(g, by_label[g]) for g in groups]
+    skipped: list[str] = []
+    drawn = []
+    for label, g in found:
+        cells = {str(r["category"]) if by_category else "": r for r in g.to_dict("records")}
+        row = [cells.get(c) for c in cats]
+        present = [r for r in row if r is not None]
+        why = series_skip_reason([r["mean"] for r in present])
+        if why is not None:
+            skipped.append(f"{label}: {why}")
+            continue
+        ns = [int(r["n"]) for r in present if np.isfinite(r["mean"])]
+        drawn.append((_legend_label(label, ns), row))
+    n_bars = sum(1 for _, row in drawn for r in row if r is not None and np.isfinite(r["mean"]))
+    if n_bars < 2:
+        why = "a single value (see the table)" if n_bars == 1 else "no series left to draw"
+        return None, skipped, why + (f" ({'; '.join(skipped)})" if skipped else "")
+    ng = len(drawn)
+    width = 0.8 / ng
+    plot_width = min(9.0, max(3.4, 0.3 * ng * len(cats) + 0.6 * len(cats)))
+    fig, ax = _axes([lb for lb, _ in drawn], plot_width=plot_width)
+    for i, (label, row) in enumerate(drawn):
+        xs, ms, los, his = [], [], [], []
+        for j, r in enumerate(row):
+            x = j - 0.4 + width * (i + 0.5)
+            if r is None:
+                continue
+            m = r["mean"]
+            if not np.isfinite(m):
+                ax.text(x, 0.02, "inf" if m == math.inf else "-inf" if m == -math.inf else "n/a",
+                        transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            xs.append(x)
+            ms.append(m)
+            los.append(r["ci_low"] if np.isfinite(r["ci_low"]) else m)
+            his.append(r["ci_high"] if np.isfinite(r["ci_high"]) else m)
+        m_, lo_, hi_ = (np.asarray(v, dtype=np.float64) for v in (ms, los, his))
+        ax.bar(xs, ms, width=width * 0.95, color=f"C{i % 10}", label=label,
+               yerr=_yerr(m_, lo_, hi_) if xs else None, capsize=3, error_kw={"lw": 0.8})
+    ax.set_xticks(range(len(cats)))
+    ax.set_xticklabels(cats if by_category else [f"{metric} [{region}]"])
+    ax.set_xlim(-0.5, len(cats) - 0.5)
+    if by_category:
+        ax.set_xlabel("edit category")
+    hib = _hib(d)
+    _titles(fig, ax, f"{metric} [{region}]: mean per method" + (" and category" if by_category else "")
+            + ", error bars = 95% bootstrap CI", f"{metric} [{region}]  ({direction(hib)})")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.axhline(0, color="0.3", lw=0.6)
+    _legend(ax, ng)
+    _fit_width(fig, ax, plot_width)
+    return fig, skipped, None
+
+
+def plot_ablation(
+    summary: pd.DataFrame, metric: str, out_path: str | Path, region: str = "all", by_category: bool = False,
+    groups: Sequence[str] | None = None, categories: Sequence[str] | None = None,
+) -> PlotResult:
+    """:func:`figure_ablation` written to ``out_path`` (.png or .pdf); arguments as there."""
+    with _style():
+        fig, skipped, reason = _figure_ablation(summary, metric, region, by_category, groups, categories)
+        if fig is None:
+            return PlotResult(None, skipped, reason)
+        return PlotResult(save_figure(fig, out_path), skipped)
+
+
+GRID_CELL_PX = 256  # the longest side of an image in a grid cell, in pixels
+GRID_CELL_IN = 1.6  # a grid cell's side in inches (files at max_side / GRID_CELL_IN dpi keep every thumbnail pixel)
+GRID_ROWS_PER_PAGE = 8
+
+
+def downscale(img: np.ndarray, max_side: int = GRID_CELL_PX) -> np.ndarray:
+    """An RGB uint8 image scaled so its longest side is at most ``max_side`` (aspect kept, each
+    side rounded, at least 1 px; Pillow's Lanczos filter); never enlarged. Grids embed these
+    thumbnails, so a PDF of many samples stays small."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    if max(h, w) <= max_side:
+        return img
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+
+
+@dataclasses.dataclass
+class GridCell:
+    """One cell of a qualitative grid: an image, or the reason there is none (shown as text)."""
+
+    image: np.ndarray | None = None
+    note: str | None = None
+
+
+@dataclasses.dataclass
+class Grid:
+    """A qualitative grid's content: ``cells[r][c]`` for row labels ``rows`` and column titles
+    ``columns``."""
+
+    rows: list[str]
+    columns: list[str]
+    cells: list[list[GridCell]]
+
+
+def figure_grid(grid: Grid, max_side: int = GRID_CELL_PX, cell_in: float = GRID_CELL_IN,
+                title: str | None = None):
+    """One figure of ``grid``: rows = samples, columns = source, each method's edit (and the
+    target), column titles on top, the row label on the left, no ticks; an empty cell shows its
+    note. Every image is downscaled with :func:`downscale`."""
+    with _style():
+        return _figure_grid(grid, max_side, cell_in, title)
+
+
+def _figure_grid(grid: Grid, max_side: int, cell_in: float, title: str | None):
+    nr, nc = len(grid.rows), len(grid.columns)
+    if nr == 0 or nc == 0:
+        raise ValueError("a grid needs at least one row and one column")
+    fig = _figure(0.6 + nc * cell_in, 0.4 + nr * cell_in + (0.3 if title else 0.0))
+    axes = fig.subplots(nr, nc, squeeze=False)
+    chars = _chars_per_line(cell_in - 0.1, 8)
+    for r in range(nr):
+        for c in range(nc):
+            ax = axes[r][c]
+            cell = grid.cells[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if cell.image is not None:
+                ax.imshow(downscale(cell.image, max_side), interpolation="antialiased")
+            else:
+                for sp in ax.spines.values():
+                    sp.set_color("0.8")
+                ax.text(0.5, 0.5, _wrap(cell.note or "n/a", chars), transform=ax.transAxes, ha="center",
+                        va="center", fontsize=7, color="0.35")
+            if r == 0:
+                ax.set_title(_wrap(grid.columns[c], chars), fontsize=8)
+            if c == 0:
+                ax.set_ylabel(_wrap(grid.rows[r], _chars_per_line(cell_in, 8)), fontsize=8)
+    if title:
+        fig.suptitle(_wrap(title, _chars_per_line(fig.get_figwidth() - 0.4, TITLE_FONT)), fontsize=TITLE_FONT)
+    return fig
+
+
+def write_grid(grid: Grid, out_png: str | Path | None, out_pdf: str | Path | None,
+               rows_per_page: int = GRID_ROWS_PER_PAGE, max_side: int = GRID_CELL_PX,
+               title: str | None = None) -> list[Path]:
+    """Write ``grid`` as PNG (one file per page of ``rows_per_page`` rows: ``name.png``, then
+    ``name_p2.png`` ...) and as one PDF with a page per ``rows_per_page`` rows. Both at
+    ``max_side / GRID_CELL_IN`` dpi, so a cell is ``max_side`` pixels wide and the thumbnails are
+    not resampled again. Returns the files written."""
+    if rows_per_page < 1:
+        raise ValueError(f"rows_per_page must be >= 1, not {rows_per_page}")
+    pages = [Grid(grid.rows[i:i + rows_per_page], grid.columns, grid.cells[i:i + rows_per_page])
+             for i in range(0, len(grid.rows), rows_per_page)]
+    written: list[Path] = []
+    dpi = max_side / GRID_CELL_IN
+    with _style():
+        figs = [_figure_grid(p, max_side, GRID_CELL_IN, title) for p in pages]
+        if out_png is not None:
+            out_png = Path(out_png)
+            for k, fig in enumerate(figs):
+                name = out_png if k == 0 else out_png.with_name(f"{out_png.stem}_p{k + 1}{out_png.suffix}")
+                written.append(_save(fig, name, dpi))
+        if out_pdf is not None:
+            written.append(_save_pdf(figs, out_pdf, dpi))
+    return written
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _job_manifests(run_dir: Path) -> dict[str, dict[str, Any]]:
+    import json
+
+    out = {}
+    for j in sorted((run_dir / "jobs").glob("*/manifest.json")):
+        try:
+            out[j.parent.name] = json.loads(j.read_text())
+        except (OSError, ValueError):
+            continue  # a job without a readable manifest: its samples' sources are reported missing
+    return out
+
+
+def _edit_folders(run_dir: Path, manifests: dict[str, dict[str, Any]], cache_dir: str | Path | None) -> list[Path]:
+    """Where a run's edits may be: ``cache_dir`` when given, the run's own ``edits/``, then the
+    ``cache_dir`` each job recorded (a shared cache; relative paths from the working directory)."""
+    roots: list[Path] = []
+    if cache_dir is not None:
+        roots.append(Path(cache_dir))
+    roots.append(run_dir / "edits")
+    for m in manifests.values():
+        c = (m.get("config") or {}).get("cache_dir")
+        if c:
+            roots.append(Path(c))
+    seen: list[Path] = []
+    for r in roots:
+        if r not in seen:
+            seen.append(r)
+    return seen
+
+
+_EDIT_KEY = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _column_label(method: str, params: str, several: bool) -> str:
+    if not several:
+        return method
+    fp = format_params(params, empty="")
+    return f"{method} ({fp})" if fp else method
+
+
+def qualitative_grid(
+    run_dir: str | Path, methods: Sequence[str] | None = None, sample_ids: Sequence[str] | None = None,
+    n_samples: int = 6, target: bool | None = None, cache_dir: str | Path | None = None,
+    dataset: str | None = None,
+) -> Grid:
+    """The content of a run's qualitative grid: rows = samples, columns = the source, each
+    method's edit (one column per method and parameter point), and the target when asked for.
+
+    ``methods``: method names in the order wanted (each expands to its parameter points in
+    natural order); default: every method in table order (by name). ``sample_ids``: the rows in
+    the order wanted; default: the first ``n_samples`` sample ids, sorted. ``target``: add a
+    ground-truth column (None: when any chosen sample has one). ``dataset``: which dataset, when
+    the run holds several. Edits come from the edit cache (``edits.parquet``'s ``edit_key``);
+    sources from the dataset each job's manifest records. A cell with no image (a skipped or
+    failed edit, a missing file, an unreadable source) says why.
+    """
+    import difflib
+
+    from .aggregate import load_run
+    from .data import open_dataset
+
+    run_dir = Path(run_dir)
+    _, edits = load_run(run_dir)
+    if len(edits) == 0:
+        raise ValueError(f"{run_dir}: no edits to show (the jobs' edits.parquet tables are empty)")
+    datasets = sorted({str(x) for x in edits["dataset"]})
+    if dataset is not None:
+        if dataset not in datasets:
+            raise ValueError(f"{run_dir}: no dataset {dataset!r}; the run's datasets: {', '.join(datasets)}")
+        edits = edits[edits["dataset"] == dataset]
+    elif len(datasets) > 1:
+        raise ValueError(f"{run_dir}: the run holds several datasets ({', '.join(datasets)}); pick one with dataset=")
+    known_methods = sorted({str(m) for m in edits["method"]})
+    if methods is None:
+        methods = known_methods
+    unknown = [m for m in methods if m not in known_methods]
+    if unknown:
+        raise ValueError(f"{run_dir}: no method(s) {', '.join(unknown)}; the run's methods: {', '.join(known_methods)}")
+    known_ids = sorted({str(x) for x in edits["sample_id"]})
+    if sample_ids is None:
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, not {n_samples}")
+        sample_ids = known_ids[:n_samples]
+    for sid in sample_ids:
+        if sid not in known_ids:
+            close = difflib.get_close_matches(sid, known_ids, n=3, cutoff=0.3)
+            raise ValueError(f"{run_dir}: no sample {sid!r} in the run's edits"
+                             + (f" (closest: {', '.join(close)})" if close else ""))
+    cols: list[tuple[str, str]] = []
+    for m in methods:
+        points = sorted({str(p) for p in edits.loc[edits["method"] == m, "params"]}, key=params_sort_key)
+        cols += [(m, p) for p in points]
+    several = {m: sum(1 for mm, _ in cols if mm == m) > 1 for m in methods}
+    manifests = _job_manifests(run_dir)
+    roots = _edit_folders(run_dir, manifests, cache_dir)
+    opened: dict[str, tuple[Any, dict[str, Any]]] = {}  # dataset config -> (loader, id -> ref)
+
+    def source_sample(sid: str):
+        """The sample ``sid`` loaded from the dataset of the first job (by name) that edited it."""
+        import json
+
+        # tables without a job column (written by hand): any job's manifest may name the dataset
+        jobs = (sorted({str(j) for j in edits.loc[edits["sample_id"] == sid, "job"]}) if "job" in edits.columns
+                else sorted(manifests))
+        cfg = next(((manifests[j].get("config") or {}).get("dataset") for j in jobs if j in manifests), None)
+        if not cfg:
+            return None, "no job manifest records the dataset"
+        key = json.dumps(cfg, sort_keys=True, default=str)
+        try:
+            if key not in opened:
+                ds = open_dataset(cfg)
+                opened[key] = (ds, {r.id: r for r in ds.refs()})
+            ds, refs = opened[key]
+            ref = refs.get(sid)
+            if ref is None:
+                return None, f"sample {sid} is no longer in dataset {cfg.get('name', '?')}"
+            return ds.load(ref), None
+        except (OSError, ValueError, KeyError) as e:
+            return None, f"source unavailable: {e}"
+
+    def edit_cell(sid: str, method: str, params: str) -> GridCell:
+        rows = edits[(edits["sample_id"] == sid) & (edits["method"] == method) & (edits["params"] == params)]
+        if len(rows) == 0:
+            return GridCell(note="not edited")
+        rec = rows.iloc[0]  # the first seed (the tables' order)
+        if rec["status"] != "ok":
+            return GridCell(note=f"{rec['status']}: {reason_head(rec['reason'], 160)}")
+        key = str(rec["edit_key"])
+        if not _EDIT_KEY.fullmatch(key):  # the key names a cache folder: nothing else may be opened
+            return GridCell(note=f"edit_key {key!r} of sample {sid} is not a cache key")
+        for root in roots:
+            p = root / key[:2] / key / "edit.png"
+            if p.is_file():
+                return GridCell(image=_read_rgb(p))
+        return GridCell(note=f"edit {key} not in the cache")
+
+    samples = {sid: source_sample(sid) for sid in sample_ids}
+    if target is None:
+        target = any(s is not None and s.target is not None for s, _ in samples.values())
+    columns = ["source", *[_column_label(m, p, several[m]) for m, p in cols]] + (["target"] if target else [])
+    cells: list[list[GridCell]] = []
+    for sid in sample_ids:
+        sample, why = samples[sid]
+        row = [GridCell(image=sample.source) if sample is not None else GridCell(note=why)]
+        row += [edit_cell(sid, m, p) for m, p in cols]
+        if target:
+            if sample is None:
+                row.append(GridCell(note=why))
+            elif sample.target is None:
+                row.append(GridCell(note="no target"))
+            else:
+                row.append(GridCell(image=sample.target))
+        cells.append(row)
+    return Grid(list(sample_ids), columns, cells)
+
+
+@dataclasses.dataclass
+class RunFigures:
+    """What :func:`figures_for_run` wrote (file name -> path) and, per figure not drawn or
+    series left out, a line saying why."""
+
+    files: dict[str, Path]
+    notes: list[str]
+
+
+def figures_for_run(
+    run_dir: str | Path, out_dir: str | Path, *, formats: Sequence[str] = ("png", "pdf"),
+    x_metric: str = "clip_t", y_metric: str = "clip_i", region: str = "all",
+    ablation_metrics: Sequence[str] | None = None, grid: bool = True, methods: Sequence[str] | None = None,
+    sample_ids: Sequence[str] | None = None, n_samples: int = 6, target: bool | None = None,
+    rows_per_page: int = GRID_ROWS_PER_PAGE, cache_dir: str | Path | None = None,
+) -> RunFigures:
+    """The paper figures a run's data supports, written into ``out_dir`` in each of ``formats``:
+
+    - ``fig_<y>_vs_<x>``: ZONE's Figure 6 (:func:`figure_clip_tradeoff`), when the run has both
+      metrics in ``region``;
+    - ``fig_<metric>_vs_<param>``: each metric in ``region`` against each parameter swept within
+      a method, the 95% CI as error bars;
+    - ``fig_ablation_<metric>``: each metric in ``region`` (default: every metric scored; or
+      ``ablation_metrics``) as bars per method and parameter point, grouped by category when the
+      run has more than one;
+    - ``fig_grid`` (PNG per page, one PDF): the qualitative grid of :func:`qualitative_grid`
+      (``fig_grid_<dataset>`` per dataset when the run holds several); ``methods``,
+      ``sample_ids``, ``n_samples``, ``target``, ``cache_dir`` as there.
+
+    Returns the files written and, for what was not drawn, the reasons.
+    """
+    from .aggregate import expand_params, load_run, summarize, swept_params
+
+    bad = [f for f in formats if f not in ("png", "pdf")]
+    if bad or not formats:
+        raise ValueError(f"formats must be among png, pdf; got {list(formats)}")
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scores, edits = load_run(run_dir)
+    by = [c for c in ("dataset",) if c in scores.columns and scores["dataset"].nunique() > 1] + ["method", "params"]
+    files: dict[str, Path] = {}
+    notes: list[str] = []
+
+    def draw(stem: str, what: str, make) -> None:
+        with _style():
+            fig, skipped, reason = make()
+            if fig is None:
+                notes.append(f"{what}: {reason}")
+                return
+            for f in formats:
+                files[f"{stem}.{f}"] = save_figure(fig, out_dir / f"{stem}.{f}")
+        notes.extend(f"{stem}: {x}" for x in skipped)
+
+    if len(scores):
+        summary = summarize(scores, by)
+        by_cat = summarize(scores, by, per_category=True)
+        draw(f"fig_{safe_name(y_metric)}_vs_{safe_name(x_metric)}", f"{y_metric} vs {x_metric}",
+             lambda: _figure_clip_tradeoff(by_cat, x_metric, y_metric, region, None, True))
+        metrics = sorted({str(m) for m in summary.loc[summary["region"] == region, "metric"]})
+        sp = expand_params(summary)
+        for param in swept_params(sp, within=[c for c in by if c != "params"]):
+            for m in metrics:
+                draw(f"fig_{safe_name(m)}_vs_{safe_name(param)}", f"{m} [{region}] vs {param}",
+                     lambda m=m, param=param: _figure_metric_vs_param(sp, m, region, param, "bars"))
+        n_cats = by_cat["category"].nunique()
+        for m in (metrics if ablation_metrics is None else list(ablation_metrics)):
+            draw(f"fig_ablation_{safe_name(m)}", f"ablation {m} [{region}]",
+                 lambda m=m: _figure_ablation(by_cat if n_cats > 1 else summary, m, region, n_cats > 1, None, None))
+    else:
+        notes.append("no scores: no metric figure")
+    if grid and len(edits):
+        datasets = sorted({str(x) for x in edits["dataset"]})
+        for ds in datasets:  # one grid per dataset: sample ids are only unique within one
+            stem = "fig_grid" if len(datasets) == 1 else f"fig_grid_{safe_name(ds)}"
+            g = qualitative_grid(run_dir, methods=methods, sample_ids=sample_ids, n_samples=n_samples, target=target,
+                                 cache_dir=cache_dir, dataset=ds)
+            for p in write_grid(g, out_dir / f"{stem}.png" if "png" in formats else None,
+                                out_dir / f"{stem}.pdf" if "pdf" in formats else None, rows_per_page=rows_per_page,
+                                title=None if len(datasets) == 1 else f"dataset {ds}"):
+                files[p.name] = p
+    return RunFigures(files, notes)
