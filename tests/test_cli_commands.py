@@ -164,7 +164,7 @@ def test_run_help_prints_ours_and_starts_nothing(tmp_path):
     assert hydra.returncode == 0 and "Hydra (" in hydra.stdout and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", ["report", "score", "validate", "weights", "list", "gate"])
+@pytest.mark.parametrize("command", ["report", "score", "validate", "weights", "list", "gate", "figures"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
@@ -221,3 +221,20 @@ def test_output_into_a_closed_pipe_ends_quietly():
     rc = proc.wait(timeout=60)
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
     assert rc == 141  # 128 + SIGPIPE, as a shell reports a tool stopped by a closed pipe
+
+
+def test_figures_command_draws_the_grid_and_names_what_it_could_not(tmp_path, capsys):
+    assert _run(tmp_path, "-m", "method=identity,recolor", "dataset.ids=[coffee_cup_blue,flower_purple]",
+                "run_name=figs", "report=false") == 0
+    run = tmp_path / "figs"
+    capsys.readouterr()
+    assert main(["figures", str(run), "--methods", "recolor", "--format", "pdf"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    grid = run / "report" / "figures" / "fig_grid.pdf"
+    assert f"wrote {grid}" in out and grid.read_bytes().startswith(b"%PDF-")
+    assert not list((run / "report" / "figures").glob("*.png"))  # --format pdf only
+    # pixel protocol: no CLIP rows, so ZONE's Figure 6 is not drawn, and the reason is printed
+    assert any(line.startswith("not drawn: clip_i vs clip_t") for line in out)
+    assert main(["figures", str(run), "--methods", "nosuch"]) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert main(["figures", str(tmp_path / "nothing")]) == 2
