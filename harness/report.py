@@ -770,7 +770,8 @@ def write_report(
     summary_by_category.csv and table_by_category.md / .csv / .tex, a ``.caption.txt`` sidecar
     beside every CSV, edits.md, plots (plot_<metric>_<region>_vs_<param>.png for sweeps, else
     plot_bars_<metric>.png), and table_terminal.txt, the compact table for the terminal
-    (returned under the key ``"terminal"``).
+    (returned under the key ``"terminal"``), and index.html, the self-contained HTML view of all
+    of it with a qualitative grid of the edits (:mod:`harness.html_report`).
     Stale plot and per-category files of an earlier report in ``out_dir`` are removed.
     With ``cost_columns`` the runner's preparation time, inference time and peak memory per
     edit are aggregated as metrics of protocol ``runner`` (``cost_*`` columns).
@@ -834,6 +835,10 @@ def write_report(
     _write_text(terminal, terminal_table(t, context, unscored, per_category))
     files["terminal"] = terminal
     files.update(plots)
+    # last: index.html renders the files written above (tables, edits.md, plots) with the grid
+    from .html_report import HTML_FILE, write_html_report
+
+    files[HTML_FILE] = write_html_report(run_dirs, out_dir, files)
     written = {p.name for p in files.values()}
     for p in sorted(out_dir.iterdir()):
         if p.is_file() and _OWNED.match(p.name) and p.name not in written:
