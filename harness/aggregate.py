@@ -130,6 +130,10 @@ COST_METRICS = (
     ("cost_prep_s", "prep_seconds", 1.0),
     ("cost_infer_s", "infer_seconds", 1.0),
     ("cost_peak_mem_mib", "peak_memory_bytes", 1.0 / 2**20),
+    # machine-independent: denoiser evaluations (UNet batch rows) and forward calls per edit
+    # (methods/diffusion/counting.py); NaN, so no row, where a method does not count its networks
+    ("cost_unet_evals", "unet_rows", 1.0),
+    ("cost_unet_calls", "unet_calls", 1.0),
 )
 
 

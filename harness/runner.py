@@ -48,7 +48,7 @@ log = logging.getLogger("edit_harness")
 EDIT_COLUMNS = [
     "run", "job", "method", "method_version", "params", "dataset", "sample_id", "category", "seed",
     "edit_key", "status", "reason", "flags", "notes", "prep_seconds", "infer_seconds", "peak_memory_bytes",
-    "model_revision",
+    "model_revision", "unet_calls", "unet_rows",
 ]
 #: ``notes`` (edits table): how the sample's inputs were converted (EXIF rotation, 16 bits, CMYK,
 #: alpha, mask conversions under the dataset's ``mask_rule``), '; '-joined; '' when none.
@@ -647,6 +647,7 @@ class Job:
                 "infer_seconds": float(m.get("infer_seconds") or 0.0),
                 "peak_memory_bytes": float(peak) if peak is not None else math.nan,
                 "model_revision": m.get("model_revision"),
+                **_unet_counts(m.get("info") or {}),
             })
         edits = pd.DataFrame(edit_rows, columns=EDIT_COLUMNS)
         score_rows = []
@@ -775,6 +776,18 @@ def _scored(ref: SampleRef) -> bool:
     """Whether the protocol scores this sample (multi-turn: only each session's final turn)."""
     rec = ref.record if isinstance(ref.record, Mapping) else {}
     return rec.get("scored", True) is not False
+
+
+def _unet_counts(info: Mapping[str, Any]) -> dict[str, float]:
+    """The edit's denoiser cost, machine-independent: UNet forward calls and the batch rows they
+    evaluated (``info["network_calls"]`` / ``["network_rows"]``, counted by
+    ``methods.diffusion.counting`` for every diffusion method; 0 when that method's UNet never
+    ran). NaN for an edit whose method does not count its networks (the classical methods, edits
+    made elsewhere, edits cached before the counts existed): not measured, never zero."""
+    calls, rows = info.get("network_calls"), info.get("network_rows")
+    if not isinstance(calls, Mapping) or not isinstance(rows, Mapping):
+        return {"unet_calls": math.nan, "unet_rows": math.nan}
+    return {"unet_calls": float(calls.get("unet", 0)), "unet_rows": float(rows.get("unet", 0))}
 
 
 def _base_metric(name: str, desc: Mapping[str, Any]) -> str:

@@ -25,6 +25,11 @@ its prompt, and how to call the pipeline. The base class does the rest:
   ``torch.Generator(device).manual_seed(seed)`` -> result resized (bicubic) back to the source size.
   ``info`` carries the loaded pipeline's summary (``weights``, ``revision``, ``model``, device,
   dtype ...), ``steps``, the working size and the prompt.
+- network counts: every adapter's ``edit`` (the base's, or its own, wrapped in ``__init_subclass__``)
+  counts the forward calls and batch rows of each network it runs (:mod:`.diffusion.counting`:
+  hooks on the pipeline's modules, installed by :meth:`DiffusionMethod.begin_edit`), so adapters
+  with their own loops are counted by the same mechanism; ``info["network_calls"]`` and
+  ``info["network_rows"]`` record them, a first edit's pipeline loading excluded.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ import numpy as np
 from harness.method import Method
 from harness.types import MethodOutput, Sample
 
+from .diffusion import counting
 from .diffusion.loading import (BACKBONES, DEVICES, DTYPES, LoadedPipeline, ModelSpec, hub_cache_dir, load_pipeline,
                                 resolve_revision)
 from .diffusion.tiny import RANDOM_WEIGHTS_LABEL, TINY_RESOLUTION, TINY_STEPS, TINY_TORCH_THREADS
@@ -234,10 +240,11 @@ class DiffusionMethod(Method):
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
-        # every adapter's own edit() (most extend the base's) runs tiny backbones single-threaded
+        # every adapter's own edit() (most extend the base's) runs tiny backbones single-threaded,
+        # and counts its network calls (the outermost edit of the chain records them in the info)
         own = cls.__dict__.get("edit")
-        if own is not None and not getattr(own, "tiny_threads", False):
-            cls.edit = tiny_threads(own)
+        if own is not None and not getattr(own, "counting_edit", False):
+            cls.edit = counting.counting_edit(own if getattr(own, "tiny_threads", False) else tiny_threads(own))
 
     # -- hooks for subclasses ---------------------------------------------------------------
     @classmethod
@@ -329,9 +336,12 @@ class DiffusionMethod(Method):
         t0 = time.perf_counter()
         if self._loaded is None:
             self.prepare()
+            counting.restart()  # loading (and whatever a prepare() precomputes) is not this edit's cost
             t0 = time.perf_counter()
         loaded = self._loaded
         assert loaded is not None
+        # hooks once per module (idempotent): an adapter may have swapped a component since loading
+        counting.watch_pipeline(loaded.pipeline)
         src = np.asarray(sample.source)
         h, w = src.shape[:2]
         size = self.working_size(h, w)
@@ -358,6 +368,7 @@ class DiffusionMethod(Method):
             "prep_seconds": prep_seconds,
         }
 
+    @counting.counting_edit
     @tiny_threads
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         import torch

@@ -7,6 +7,8 @@ functions that need them, so ``import methods`` stays cheap.
   :class:`MissingWeights`, :class:`UnsupportedSetting`.
 - :mod:`.tiny`: random-weight tiny SD 1.5 / InstructPix2Pix / SDXL components of the real classes
   for tests and ``backbone=tiny`` smoke runs, labelled :data:`RANDOM_WEIGHTS_LABEL`.
+- :mod:`.counting`: forward calls and batch rows of each network per edit (``info["network_calls"]``,
+  ``info["network_rows"]``), a cost figure that does not depend on the machine.
 """
 from __future__ import annotations
 
