@@ -116,6 +116,38 @@ def _axes(labels: Sequence[str], plot_width: float = 4.6, height: float = 4.0):
     return fig, ax
 
 
+def _grouped_bars(series: Sequence[tuple[str, Sequence[dict | None]]], slots: int, capsize: float):
+    """Bars of several series side by side over ``slots`` positions (regions, categories), each
+    with its 95% CI as error bars; a non-finite mean is written at the foot of its slot instead of
+    a bar, and a missing cell (None) leaves a gap. Returns ``(fig, ax, plot_width)`` with the slots'
+    ticks set (the width for :func:`_fit_width`, once the titles and legend are in)."""
+    width = 0.8 / len(series)
+    plot_width = min(9.0, max(3.4, 0.3 * len(series) * slots + 0.6 * slots))
+    fig, ax = _axes([lb for lb, _ in series], plot_width=plot_width)
+    for i, (label, cells) in enumerate(series):
+        xs, ms, los, his = [], [], [], []
+        for j, c in enumerate(cells):
+            x = j - 0.4 + width * (i + 0.5)
+            if c is None:
+                continue
+            m = c["mean"]
+            if not np.isfinite(m):
+                # at 2% of the axes' height whatever the data range: always inside the axes
+                ax.text(x, 0.02, "inf" if m == math.inf else "-inf" if m == -math.inf else "n/a",
+                        transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            xs.append(x)
+            ms.append(m)
+            los.append(c["ci_low"] if np.isfinite(c["ci_low"]) else m)
+            his.append(c["ci_high"] if np.isfinite(c["ci_high"]) else m)
+        m_, lo_, hi_ = (np.asarray(v, dtype=np.float64) for v in (ms, los, his))
+        ax.bar(xs, ms, width=width * 0.95, color=f"C{i % 10}", label=label,
+               yerr=_yerr(m_, lo_, hi_) if xs else None, capsize=capsize, error_kw={"lw": 0.8})
+    ax.set_xticks(range(slots))
+    ax.set_xlim(-0.5, slots - 0.5)
+    return fig, ax, plot_width
+
+
 def _legend(ax, n_entries: int) -> None:
     if n_entries:
         ax.legend(fontsize=LEGEND_FONT, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0,
@@ -356,37 +388,13 @@ def _figure_bars(summary: pd.DataFrame, metric: str) -> tuple[Any, list[str], st
     if n_bars < 2:
         why = "a single value (see the table)" if n_bars == 1 else "no series left to draw"
         return None, skipped, why + (f" ({'; '.join(skipped)})" if skipped else "")
-    ng = len(drawn)
-    width = 0.8 / ng
-    plot_width = min(9.0, max(3.4, 0.3 * ng * len(regions) + 0.6 * len(regions)))
-    fig, ax = _axes([lb for _, lb, _ in drawn], plot_width=plot_width)
-    for i, (rec, label, cells) in enumerate(drawn):
-        xs, ms, los, his = [], [], [], []
-        for j, c in enumerate(cells):
-            x = j - 0.4 + width * (i + 0.5)
-            if c is None:
-                continue
-            m = c["mean"]
-            if not np.isfinite(m):
-                # at 2% of the axes' height whatever the data range: always inside the axes
-                ax.text(x, 0.02, "inf" if m == math.inf else "-inf" if m == -math.inf else "n/a",
-                        transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7)
-                continue
-            xs.append(x)
-            ms.append(m)
-            los.append(c["ci_low"] if np.isfinite(c["ci_low"]) else m)
-            his.append(c["ci_high"] if np.isfinite(c["ci_high"]) else m)
-        m_, lo_, hi_ = (np.asarray(v, dtype=np.float64) for v in (ms, los, his))
-        ax.bar(xs, ms, width=width * 0.95, color=f"C{i % 10}", label=label,
-               yerr=_yerr(m_, lo_, hi_) if xs else None, capsize=2, error_kw={"lw": 0.8})
-    ax.set_xticks(range(len(regions)))
+    fig, ax, plot_width = _grouped_bars([(lb, cells) for _, lb, cells in drawn], len(regions), capsize=2)
     ax.set_xticklabels(regions)
-    ax.set_xlim(-0.5, len(regions) - 0.5)
     ax.set_xlabel("region")
     _titles(fig, ax, f"{metric}: mean per method, error bars = 95% bootstrap CI", f"{metric}  ({direction(hib)})")
     ax.grid(True, axis="y", alpha=0.3)
     ax.axhline(0, color="0.3", lw=0.6)
-    _legend(ax, ng)
+    _legend(ax, len(drawn))
     _fit_width(fig, ax, plot_width)
     return fig, skipped, None
 
@@ -613,31 +621,8 @@ def _figure_ablation(
     if n_bars < 2:
         why = "a single value (see the table)" if n_bars == 1 else "no series left to draw"
         return None, skipped, why + (f" ({'; '.join(skipped)})" if skipped else "")
-    ng = len(drawn)
-    width = 0.8 / ng
-    plot_width = min(9.0, max(3.4, 0.3 * ng * len(cats) + 0.6 * len(cats)))
-    fig, ax = _axes([lb for lb, _ in drawn], plot_width=plot_width)
-    for i, (label, row) in enumerate(drawn):
-        xs, ms, los, his = [], [], [], []
-        for j, r in enumerate(row):
-            x = j - 0.4 + width * (i + 0.5)
-            if r is None:
-                continue
-            m = r["mean"]
-            if not np.isfinite(m):
-                ax.text(x, 0.02, "inf" if m == math.inf else "-inf" if m == -math.inf else "n/a",
-                        transform=ax.get_xaxis_transform(), rotation=90, ha="center", va="bottom", fontsize=7)
-                continue
-            xs.append(x)
-            ms.append(m)
-            los.append(r["ci_low"] if np.isfinite(r["ci_low"]) else m)
-            his.append(r["ci_high"] if np.isfinite(r["ci_high"]) else m)
-        m_, lo_, hi_ = (np.asarray(v, dtype=np.float64) for v in (ms, los, his))
-        ax.bar(xs, ms, width=width * 0.95, color=f"C{i % 10}", label=label,
-               yerr=_yerr(m_, lo_, hi_) if xs else None, capsize=3, error_kw={"lw": 0.8})
-    ax.set_xticks(range(len(cats)))
+    fig, ax, plot_width = _grouped_bars(drawn, len(cats), capsize=3)
     ax.set_xticklabels(cats if by_category else [f"{metric} [{region}]"])
-    ax.set_xlim(-0.5, len(cats) - 0.5)
     if by_category:
         ax.set_xlabel("edit category")
     hib = _hib(d)
@@ -645,7 +630,7 @@ def _figure_ablation(
             + ", error bars = 95% bootstrap CI", f"{metric} [{region}]  ({direction(hib)})")
     ax.grid(True, axis="y", alpha=0.3)
     ax.axhline(0, color="0.3", lw=0.6)
-    _legend(ax, ng)
+    _legend(ax, len(drawn))
     _fit_width(fig, ax, plot_width)
     return fig, skipped, None
 
