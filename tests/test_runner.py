@@ -186,17 +186,22 @@ def test_sigkill_mid_sweep_then_rerun_loses_nothing(builder, tmp_path):
     for i in range(n):
         builder.add_simple(f"s{i}", seed=i)
     cfg = job_config(builder.config(), tmp_path / "killed", method={"name": "test_slow", "sleep": 0.3})
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _KILL_SCRIPT.format(repo=str(REPO)), json.dumps(cfg)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    stderr = tmp_path / "child.err"
+    with open(stderr, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_SCRIPT.format(repo=str(REPO)), json.dumps(cfg)],
+            cwd=REPO, stdout=subprocess.DEVNULL, stderr=err,
+        )
     edits_root = tmp_path / "killed" / "test" / "edits"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(edits_root.rglob("edit.json"))) < 3:
+    while time.time() < deadline and proc.poll() is None and len(list(edits_root.rglob("edit.json"))) < 3:
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
+    exited = proc.poll()  # a child that ended by itself (crashed) says why
+    if exited is None:
+        os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(edits_root.rglob("edit.json")))
+    assert exited is None, f"the sweep ended by itself (exit {exited}) before the kill: {stderr.read_text()[-2000:]}"
     assert 3 <= done < n, done
     resumed = run_job(cfg)
     assert resumed.cached == done and resumed.computed == n - done
