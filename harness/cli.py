@@ -5,6 +5,7 @@
   edit-harness score EDITS_DIR            score a folder of edits made elsewhere (<sample_id>.png)
   edit-harness validate DATASET           check a dataset (config name or folder)
   edit-harness gate RUN --baseline BASE   regression gate: exit 1 on a regression against a baseline run
+  edit-harness compare RUN --paper P/T    a published table's numbers and the run's side by side
   edit-harness figures RUN_DIR            the papers' figures (CLIP-I vs CLIP-T, ablations, qualitative grids)
   edit-harness weights [PROTOCOL...]      which metric (and method) weights are present, how to provide the rest
   edit-harness list                       methods, datasets, metrics, protocols, experiments
@@ -1042,8 +1043,39 @@ def _cmd_figures(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_compare(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="edit-harness compare",
+        description="A published table (results/paper/<paper>/<table>.csv) and the runs' scores side by side: one "
+                    "row per paper method x metric with the value as printed, ours (mean and 95% bootstrap "
+                    "interval, converted to the paper's scale), delta = ours - published, whether the published "
+                    "value lies in our interval, and n. Names are matched by the table's declared mapping, "
+                    "<table>.compare.yaml; unmapped names are listed and their rows read 'not in this run'. "
+                    "Exit 2 when the comparison cannot be made (no mapping, no run, a protocol mismatch).",
+        epilog="example: edit-harness compare results/zone --paper zone/table1 --out results/zone/report/side",
+    )
+    ap.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN", help="run folder(s) (results/<run>)")
+    ap.add_argument("--paper", required=True, metavar="PAPER/TABLE", help="published table, e.g. zone/table1")
+    ap.add_argument("--out", type=Path, help="output folder (default: RUN/report/compare-<paper>-<table>)")
+    ap.add_argument("--allow-protocol-mismatch", action="store_true",
+                    help="compare a run scored under another protocol than the table's (the caption says so)")
+    a = ap.parse_intermixed_args(argv)
+    from .compare import CompareError, compare, terminal, write_compare
+
+    try:
+        result = compare(a.run_dirs, a.paper, allow_protocol_mismatch=a.allow_protocol_mismatch)
+    except CompareError as e:
+        print(f"edit-harness compare: cannot compare: {e}", file=sys.stderr)
+        return 2
+    out = a.out or a.run_dirs[0] / "report" / f"compare-{a.paper.replace('/', '-')}"
+    print(terminal(result))
+    for path in write_compare(result, out).values():
+        print(f"wrote {path}")
+    return 0
+
+
 COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights,
-            "list": _cmd_list, "gate": _cmd_gate, "figures": _cmd_figures}
+            "list": _cmd_list, "gate": _cmd_gate, "figures": _cmd_figures, "compare": _cmd_compare}
 
 
 def _run(rest: list[str]) -> int:

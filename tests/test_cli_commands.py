@@ -164,7 +164,7 @@ def test_run_help_prints_ours_and_starts_nothing(tmp_path):
     assert hydra.returncode == 0 and "Hydra (" in hydra.stdout and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", ["report", "score", "validate", "weights", "list", "gate", "figures"])
+@pytest.mark.parametrize("command", ["report", "score", "validate", "weights", "list", "gate", "figures", "compare"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])
