@@ -153,7 +153,7 @@ def test_not_in_run_unmapped_and_ambiguous_rows(setup):
     assert "Paper metrics with no harness metric: Study" in cap
     assert "Compared: 3 of 8 published numbers" in cap
     assert "Synth-100" in cap and "synthetic weights" in cap and "dataset: synth" in cap
-    assert "Mapping: results/paper/synth/table1.compare.yaml" in cap and str(tmp_path) not in cap  # no machine path
+    assert "Mapping: results/paper/synth/table1.compare.yaml" in cap and str(root) not in cap  # no machine path
 
 
 def test_outputs_csv_md_html_tex(setup, tmp_path):
