@@ -959,6 +959,11 @@ def _cmd_list(argv: Sequence[str]) -> int:
     return 0
 
 
+def _comma_list(*texts: str | None) -> list[str]:
+    """Option values given as repeated flags and / or comma-separated lists, in order."""
+    return [v.strip() for text in texts if text for v in text.split(",") if v.strip()]
+
+
 def _cmd_gate(argv: Sequence[str]) -> int:
     ap = argparse.ArgumentParser(
         prog="edit-harness gate",
@@ -984,15 +989,12 @@ def _cmd_gate(argv: Sequence[str]) -> int:
     a = ap.parse_intermixed_args(argv)
     from .gate import GateError, gate, parse_tolerance, write_junit
 
-    def items(values: list[str]) -> list[str]:
-        return [v.strip() for text in values for v in text.split(",") if v.strip()]
-
     try:
-        tolerances = dict(parse_tolerance(t) for t in items(a.tolerance))
+        tolerances = dict(parse_tolerance(t) for t in _comma_list(*a.tolerance))
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        result = gate(a.run_dir, a.baseline, tolerances, items(a.metrics) or None)
+        result = gate(a.run_dir, a.baseline, tolerances, _comma_list(*a.metrics) or None)
     except GateError as e:
         print(f"edit-harness gate: could not compare: {e}", file=sys.stderr)
         if a.junit:
@@ -1028,11 +1030,11 @@ def _cmd_figures(argv: Sequence[str]) -> int:
         raise UsageError(f"{a.run_dir} is not a run directory (it has no jobs/ folder)")
     from .plots import figures_for_run
 
-    split = lambda text: [v.strip() for v in text.split(",") if v.strip()] if text else None  # noqa: E731
     out = a.out or a.run_dir / "report" / "figures"
     try:
-        res = figures_for_run(a.run_dir, out, formats=split(a.format) or [], grid=not a.no_grid,
-                              methods=split(a.methods), sample_ids=split(a.samples), n_samples=a.n_samples,
+        res = figures_for_run(a.run_dir, out, formats=_comma_list(a.format), grid=not a.no_grid,
+                              methods=_comma_list(a.methods) or None, sample_ids=_comma_list(a.samples) or None,
+                              n_samples=a.n_samples,
                               target=False if a.no_target else None, rows_per_page=a.rows_per_page)
     except ValueError as e:
         raise UsageError(str(e)) from None
