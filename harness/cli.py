@@ -347,6 +347,22 @@ def _check_job(cfg: Mapping[str, Any], dataset_yaml_keys: list[str], cache: dict
         if cache[what]:
             raise UsageError(cache[what])
 
+    tables = cfg.get("paper_tables") or []
+
+    def check_tables() -> None:
+        from .compare import CompareError, load_mapping
+        from .paper import PaperTableError, table_path
+
+        if isinstance(tables, str) or not isinstance(tables, (list, tuple)):
+            raise UsageError(f"paper_tables must be a list of published tables such as [zone/table1], got {tables!r}")
+        for t in tables:
+            try:
+                table_path(str(t))
+                load_mapping(str(t))
+            except (PaperTableError, CompareError) as e:
+                raise UsageError(f"paper_tables: {e}") from None
+
+    once("paper_tables:" + json.dumps(tables, default=str), check_tables)
     dataset = dict(cfg.get("dataset") or {})
     once("dataset:" + json.dumps(dataset, sort_keys=True, default=str), lambda: check_dataset(dataset, dataset_yaml_keys))
     if cfg.get("score", True):
@@ -671,6 +687,18 @@ def report_run(
         for name in ("scores.parquet", "edits.parquet"):
             h.update(f"{d.name}/{name}:".encode())
             h.update((d / name).read_bytes())
+    # the published tables the jobs name, and their files (a corrected table or mapping redoes the report)
+    from .paper import PaperTableError, table_path
+    from .report import run_paper_tables
+
+    for table in run_paper_tables(run_dirs):
+        h.update(f"paper:{table}:".encode())
+        try:
+            csv_file = table_path(table)  # checks the name's form: nothing outside results/paper/ is read
+        except PaperTableError:
+            continue  # the report says why it is not compared
+        for f in (csv_file, csv_file.with_suffix(".yaml"), csv_file.with_suffix(".compare.yaml")):
+            h.update(f.read_bytes() if f.is_file() else b"-")
     digest = h.hexdigest()
     stamp = out_dir / ".inputs-digest"
     if not force and stamp.is_file() and stamp.read_text() == digest and (out_dir / "table.md").is_file() \
@@ -973,12 +1001,14 @@ def _cmd_gate(argv: Sequence[str]) -> int:
                     "interval lies beyond its tolerance on the metric's bad side, improved on the good side, else "
                     "it is unchanged. Exit 0: no regression; 1: a regression; 2: could not compare (different "
                     "protocol, weights or region rule, a metric missing from the run, no common method).",
-        epilog="example: edit-harness gate results/pr --baseline results/main --tolerance l1=abs:0.01 "
-               "--tolerance psnr=rel:0.05 --junit gate.xml",
+        epilog="examples: edit-harness gate results/pr --baseline results/main --tolerance l1=abs:0.01 "
+               "--tolerance psnr=rel:0.05 --junit gate.xml; edit-harness gate results/zone --baseline "
+               "paper/zone/table1 --tolerance default=rel:0.05",
     )
     ap.add_argument("run_dir", type=Path, metavar="RUN", help="the run folder to check (results/<run>)")
-    ap.add_argument("--baseline", required=True, metavar="BASELINE_RUN",
-                    help="the baseline run folder (published-table baselines, paper/TABLE, are not available yet)")
+    ap.add_argument("--baseline", required=True, metavar="BASELINE_RUN|paper/TABLE",
+                    help="the baseline run folder, or a published table (paper/zone/table1): each mapped cell of "
+                         "the run against the printed number, through results/paper/<paper>/<table>.compare.yaml")
     ap.add_argument("--tolerance", action="append", default=[], metavar="METRIC=abs:V|rel:F",
                     help="allowed change per metric (METRIC, metric/region, or 'default' for the others): abs:V in "
                          "the metric's units, rel:F as a fraction of the baseline mean; default abs:0. Repeat the "
@@ -987,14 +1017,16 @@ def _cmd_gate(argv: Sequence[str]) -> int:
                     help="gate only these metrics (or metric/region); each must be scored in both runs")
     ap.add_argument("--junit", type=Path, metavar="PATH", help="also write JUnit XML (one test case per cell)")
     a = ap.parse_intermixed_args(argv)
-    from .gate import GateError, gate, parse_tolerance, write_junit
+    from .gate import GateError, gate, gate_paper, paper_table_name, parse_tolerance, write_junit
 
     try:
         tolerances = dict(parse_tolerance(t) for t in _comma_list(*a.tolerance))
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
-        result = gate(a.run_dir, a.baseline, tolerances, _comma_list(*a.metrics) or None)
+        table = paper_table_name(a.baseline)
+        result = (gate_paper(a.run_dir, table, tolerances, _comma_list(*a.metrics) or None) if table
+                  else gate(a.run_dir, a.baseline, tolerances, _comma_list(*a.metrics) or None))
     except GateError as e:
         print(f"edit-harness gate: could not compare: {e}", file=sys.stderr)
         if a.junit:

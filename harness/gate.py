@@ -41,7 +41,21 @@ only the baseline has are ``absent`` (gating a subset of a baseline's methods is
 Exit codes (:attr:`GateResult.exit_code`): 1 when any cell regressed (a regression is reported
 even when other cells could not be compared), else 2 when any cell could not be compared, else
 0. A gate that cannot start (baseline not a run, no common method, a tolerance or ``--metrics``
-naming a metric neither run has, a published-table baseline) raises :class:`GateError` (exit 2).
+naming a metric neither run has) raises :class:`GateError` (exit 2).
+
+**A published table as the baseline** (``--baseline paper/zone/table1``, :func:`gate_paper`). The
+paper printed one number per method and metric, no per-sample values: each of the run's cells
+that the table's declared mapping (``results/paper/<paper>/<table>.compare.yaml``, read by
+:mod:`harness.compare`) names is compared with that number, converted to the paper's scale by the
+mapping's factor. The change is ``ours - published`` and its interval is the run's 95% bootstrap
+interval of its mean minus the published value (a one-sample comparison: the published number is
+taken as exact, since the papers print no spread for these tables); the same rule classifies
+it, the direction is the table's ``higher_is_better``, and an ``abs`` tolerance is in the metric's
+units (our scale: it is converted with the factor too). A run scored under another protocol
+than the table's cannot be compared (exit 2); published weights are whatever the paper used, so
+the weights column is not checked (the comparison's note names ours). Paper methods the run
+lacks are ``absent``; a mapped metric the run lacks for a method it has is an error; a paper
+method or metric with no mapping is ``absent`` with the mapping's reason.
 """
 
 from __future__ import annotations
@@ -268,7 +282,7 @@ class Comparison:
     ci_high: float = math.nan
     tolerance: str = ""
     tolerance_value: float = math.nan
-    pairing: str = ""  # "paired", "unpaired" or "" (not compared)
+    pairing: str = ""  # "paired", "unpaired", "published" (a paper's number) or "" (not compared)
     n_run: int = 0
     n_baseline: int = 0
     reason: str = ""
@@ -325,9 +339,9 @@ class GateResult:
         for c in self.comparisons:
             metric = f"{c.metric} [{c.region}]" + (f" {arrow(c.higher_is_better)}" if c.higher_is_better is not None
                                                     else "")
-            test = f"{c.pairing} n={c.n_run}" if c.pairing == "paired" else (
+            test = f"{c.pairing} n={c.n_run}" if c.pairing in ("paired", "published") else (
                 f"{c.pairing} n={c.n_run}/{c.n_baseline}" if c.pairing else "")
-            note = c.reason if c.status in ("error", "new", "absent") or c.pairing == "unpaired" else ""
+            note = c.reason if c.status in ("error", "new", "absent") or c.pairing in ("unpaired", "published") else ""
             rows.append([c.status.upper(), *([c.dataset] if several else []), c.method,
                          format_params(c.params), metric, fmt(c.baseline_mean), fmt(c.run_mean),
                          fmt_ci(c.change, c.ci_low, c.ci_high) if c.pairing else "", c.tolerance, test, note])
@@ -374,12 +388,25 @@ class _Side:
         )
 
 
+def paper_table_name(baseline: str | Path) -> str | None:
+    """``paper/zone/table1`` (or ``results/paper/zone/table1[.csv]``) -> ``zone/table1``; None for
+    anything that is a run folder or does not name a published table that way."""
+    text = Path(str(baseline)).as_posix()
+    if (Path(baseline) / "jobs").is_dir():
+        return None
+    parts = Path(text).parts
+    if "paper" not in parts:
+        return None
+    rest = parts[len(parts) - 1 - parts[::-1].index("paper") + 1:]
+    if len(rest) != 2:
+        return None
+    name = f"{rest[0]}/{rest[1]}"
+    return name[:-4] if name.endswith(".csv") else name
+
+
 def _load(run_dir: str | Path, what: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     text = str(run_dir)
     is_run = (Path(run_dir) / "jobs").is_dir()
-    if not is_run and (text.startswith(PAPER_PREFIX) or "paper" in Path(text).parts):
-        raise GateError(f"{what} '{text}': published-table baselines (paper/TABLE, results/paper/) are not "
-                        "available yet; give a baseline run folder (results/<run>)")
     if not is_run:
         raise GateError(f"{what} '{text}' is not a run folder (it has no jobs/ folder)")
     try:
@@ -537,6 +564,81 @@ def gate(
     return GateResult(str(run_dir), str(baseline_dir), out)
 
 
+def gate_paper(
+    run_dir: str | Path, table: str, tolerances: Mapping[str, Tolerance] | None = None,
+    metrics: Sequence[str] | None = None, root: Path | None = None,
+) -> GateResult:
+    """Compare ``run_dir`` with the published table ``table`` (``zone/table1``) through the
+    table's declared mapping (see the module docstring). Raises :class:`GateError` when the
+    comparison cannot be made at all (no such table or mapping, no run, a protocol mismatch, no
+    mapped method in the run, a ``--metrics`` / tolerance name the mapping does not give)."""
+    from .compare import CompareError, compare
+    from .paper import PaperTableError, load_table
+
+    tolerances = dict(tolerances or {})
+    _load(run_dir, "run")  # a clear error when RUN is not a run folder
+    try:
+        result = compare([run_dir], table, root=root)
+        paper = load_table(table, root)
+    except (CompareError, PaperTableError) as e:
+        raise GateError(f"baseline paper/{table}: {e}") from None
+    frame = result.frame.reset_index(drop=True)
+    hib = [bool(v) for v in paper["higher_is_better"]]
+    mapped = frame[frame["metric"].notna()]
+    names = sorted({str(m) for m in mapped["metric"]} | {f"{m}/{r}" for m, r in zip(mapped["metric"], mapped["region"])})
+    for sel in metrics or ():
+        if sel not in names:
+            raise GateError(f"missing metric: '{sel}' is not mapped by paper/{table} "
+                            f"(its metrics: {', '.join(sorted({str(m) for m in mapped['metric']})) or 'none'})")
+    for key in tolerances:
+        if key != DEFAULT_TOLERANCE_KEY and key not in names:
+            raise GateError(f"--tolerance {key}: paper/{table} maps no such metric "
+                            f"(metrics: {', '.join(sorted({str(m) for m in mapped['metric']}))}; or metric/region, "
+                            f"or '{DEFAULT_TOLERANCE_KEY}')")
+    if not (frame["status"] == "compared").any():
+        why = "; ".join(sorted({f"{r.paper_method}: {r.why}" for r in frame.itertuples() if r.why}))
+        raise GateError(f"no common methods: none of paper/{table}'s methods is in the run ({why})")
+    run_scores, _ = _load(run_dir, "run")
+    run_methods = {str(m) for m in run_scores["method"]}
+
+    out: list[Comparison] = []
+    for i, r in frame.iterrows():
+        metric = str(r["metric"]) if isinstance(r["metric"], str) else str(r["paper_metric"])
+        region = str(r["region"]) if isinstance(r["region"], str) else ""
+        if metrics and not any(_selects(s, metric, region) for s in metrics):
+            continue
+        where = f"{r['paper_method']} / {r['paper_metric']}" + (f" ({r['setting']})" if r["setting"] else "")
+        method = str(r["method"]) if isinstance(r["method"], str) else str(r["paper_method"])
+        c = Comparison(str(r["dataset"] or ""), method, str(r["params"] or ""), metric, region, status="absent",
+                       higher_is_better=hib[i], baseline_mean=float(r["published"]), n_baseline=0)
+        if r["status"] != "compared":
+            in_run = isinstance(r["method"], str) and r["method"] in run_methods
+            c.status = "error" if in_run and isinstance(r["metric"], str) else "absent"
+            c.reason = f"{where}: {r['why']}"
+            if c.status == "error" and r["status"] != "ambiguous":
+                c.reason = f"missing metric: {c.reason}"
+            out.append(c)
+            continue
+        factor = float(r["factor"])
+        tol = tolerance_for(tolerances, metric, region)
+        c.run_mean, c.n_run = float(r["ours_mean"]), int(r["n"])
+        c.change = c.run_mean - c.baseline_mean
+        c.ci_low, c.ci_high = float(r["ours_ci_low"]) - c.baseline_mean, float(r["ours_ci_high"]) - c.baseline_mean
+        c.tolerance = str(tol)
+        # abs tolerances are in our metric's units; the comparison is on the paper's scale
+        c.tolerance_value = tol.threshold(c.baseline_mean) if tol.kind == "rel" else tol.threshold(0.0) * abs(factor)
+        c.pairing = "published"
+        c.reason = f"{where}" + (f", ours x{factor:g}" if factor != 1 else "")
+        if not (math.isfinite(c.ci_low) and math.isfinite(c.ci_high)):
+            c.status, c.reason = "error", f"{where}: the run's interval is not finite"
+        else:
+            c.status = classify(c.ci_low, c.ci_high, c.higher_is_better, c.tolerance_value)
+        out.append(c)
+    if result.protocol_mismatch:  # pragma: no cover - compare() refuses it without allow_protocol_mismatch
+        raise GateError(f"protocol mismatch with paper/{table}")
+    return GateResult(str(run_dir), f"paper/{table}", out)
+
+
 # ----------------------------------------------------------------------------------------------
 # JUnit XML
 # ----------------------------------------------------------------------------------------------
@@ -551,7 +653,9 @@ def _detail(c: Comparison) -> str:
              f"baseline mean {fmt(c.baseline_mean)} (n={c.n_baseline}), run mean {fmt(c.run_mean)} (n={c.n_run})"
              + (f", {direction}" if direction else "")]
     if c.pairing:
-        lines.append(f"change run - baseline {fmt_ci(c.change, c.ci_low, c.ci_high)} (95% {c.pairing} bootstrap), "
+        how = ("the run's 95% bootstrap interval minus the published value" if c.pairing == "published"
+               else f"95% {c.pairing} bootstrap")
+        lines.append(f"change run - baseline {fmt_ci(c.change, c.ci_low, c.ci_high)} ({how}), "
                      f"tolerance {c.tolerance} = {fmt(c.tolerance_value)}")
     if c.reason:
         lines.append(c.reason)

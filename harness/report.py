@@ -47,7 +47,7 @@ from .aggregate import (
     swept_params,
 )
 from .fileio import save_bytes
-from .plots import PlotResult, plot_bars, plot_metric_vs_param, safe_name
+from .plots import PlotResult, plot_bars, plot_clip_tradeoff, plot_metric_vs_param, safe_name
 
 CSV_FLOAT = "%.12g"
 CAPTION_SUFFIX = ".caption.txt"  # table.csv -> table.caption.txt: the CSV's caption, beside it
@@ -759,9 +759,55 @@ _OWNED = re.compile(r"^(plot_.*\.png|table_by_category\.(md|csv|tex|caption\.txt
 TERMINAL_FILE = "table_terminal.txt"
 
 
+def run_paper_tables(run_dirs: str | Path | Sequence[str | Path]) -> list[str]:
+    """The published tables the runs' jobs name (their resolved config's ``paper_tables``), in
+    first-seen order. A job whose manifest is missing or unreadable names none."""
+    import json
+
+    from .aggregate import _as_dirs, find_jobs
+
+    out: dict[str, None] = {}
+    for d in _as_dirs(run_dirs):
+        for j in find_jobs(d):
+            try:
+                cfg = json.loads((j / "manifest.json").read_text(encoding="utf-8")).get("config") or {}
+            except (OSError, ValueError):
+                continue
+            names = cfg.get("paper_tables") or []
+            for name in ([names] if isinstance(names, str) else names):
+                out.setdefault(str(name), None)
+    return list(out)
+
+
+def write_paper_comparisons(run_dirs: str | Path | Sequence[str | Path], out_dir: Path,
+                            tables: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+    """Each published table side by side with the runs (:mod:`harness.compare`), written to
+    ``out_dir/compare-<paper>-<table>/``. Returns (files keyed ``compare-<paper>-<table>/<name>``,
+    Markdown lines for table.md: one per table, with what was compared or why it was not)."""
+    from .compare import CompareError, compare, write_compare
+
+    files: dict[str, Path] = {}
+    lines: list[str] = []
+    for table in tables:
+        sub = f"compare-{table.replace('/', '-')}"
+        try:
+            result = compare(run_dirs, table)
+        except CompareError as e:
+            lines.append(f"- {md_escape(table)}: not compared: {md_escape(e)}")
+            continue
+        for p in write_compare(result, out_dir / sub).values():
+            files[f"{sub}/{p.name}"] = p
+        fr = result.frame
+        done = int((fr["status"] == "compared").sum())
+        inside = int((fr["in_ci"] == "yes").sum())
+        lines.append(f"- {md_escape(table)}: {done} of {len(fr)} published numbers compared, {inside} inside our "
+                     f"95% interval: {sub}/compare.md (also .csv, .tex, .html)")
+    return files, lines
+
+
 def write_report(
     run_dirs: str | Path | Sequence[str | Path], out_dir: str | Path, per_category: bool = True,
-    cost_columns: bool = True, reference_methods: Sequence[str] = (),
+    cost_columns: bool = True, reference_methods: Sequence[str] = (), paper_tables: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write the report of one or more run dirs into ``out_dir``; returns file name -> path.
 
@@ -777,6 +823,11 @@ def write_report(
     edit are aggregated as metrics of protocol ``runner`` (``cost_*`` columns).
     ``reference_methods`` names methods that are references in this report, besides
     :data:`REFERENCE_METHODS`: they get no best / second marks.
+    ``paper_tables`` (default: those the jobs' configs name, :func:`run_paper_tables`): each
+    published table side by side with the runs, in ``compare-<paper>-<table>/``, listed in
+    table.md and shown in index.html.
+    With both CLIP-I and CLIP-T scored and more than one edit category, the per-category
+    trade-off (ZONE's Figure 6, :func:`harness.plots.plot_clip_tradeoff`) is plot_clip_i_vs_clip_t.png.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -799,6 +850,20 @@ def write_report(
                          "region (mean, 95% bootstrap CI, n, NaN and inf counts, flags)")
     files["summary.csv"], files["summary.caption.txt"] = write_frame_csv(out_dir / "summary.csv", summary, scap)
     extra = unscored_section(edits, by)
+    by_cat = summarize(scores, by, per_category=True) if per_category else None
+    if by_cat is not None and len(by_cat):
+        if {"clip_i", "clip_t"} <= set(by_cat["metric"]) and by_cat["category"].nunique() > 1:
+            res = plot_clip_tradeoff(by_cat, out_dir / "plot_clip_i_vs_clip_t.png")
+            if res.path is not None:
+                plots["plot_clip_i_vs_clip_t.png"] = res.path
+                plot_notes += [f"- plot_clip_i_vs_clip_t.png: {md_escape(x)}" for x in res.skipped]
+            else:
+                plot_notes += ["", f"Not drawn: CLIP-I vs CLIP-T per category: {md_escape(res.reason)}"]
+    tables_named = run_paper_tables(run_dirs) if paper_tables is None else list(paper_tables)
+    if tables_named:
+        cmp_files, cmp_lines = write_paper_comparisons(run_dirs, out_dir, tables_named)
+        files.update(cmp_files)
+        extra = [*extra, *([""] if extra else []), "## Published tables side by side", "", *cmp_lines]
     if plots or plot_notes:
         extra = [*extra, *([""] if extra else []), "## Plots", "", *[f"- {n}" for n in plots], *plot_notes]
     files["table.md"] = write_markdown(out_dir / "table.md", cap, t, extra)
@@ -806,7 +871,7 @@ def write_report(
     files["table.tex"] = write_latex(out_dir / "table.tex", cap, t)
     if per_category:
         keys = partition + ["category"] + [k for k in by if k not in partition]
-        cs = _order(summarize(scores, by, per_category=True), keys)
+        cs = _order(by_cat, keys)
         tc = Table(cs, keys, partition + ["category"], refs)
         ccap = caption_lines(scores, edits, cs, "Results per edit category: mean [95% bootstrap CI]",
                              tc.marks_caption())

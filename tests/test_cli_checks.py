@@ -52,6 +52,13 @@ def test_dataset_errors_are_one_line_listing_what_exists(override, expected, tmp
     (["seeed=3"], "unknown key 'seeed' (did you mean 'seed'?); the configuration has: method, dataset, metrics, "
                   "run_name"),
     (["method=inpaint,recolor"], "'method=inpaint,recolor' is a sweep: add -m to run one job per value"),
+    # a published table that does not exist, or is not a list
+    (["paper_tables=[zone/table7]"], "paper_tables: no published table 'zone/table7'; known: cpam/table2, "),
+    (["paper_tables=[../../etc]"], "paper_tables: paper table name '../../etc' is not of the form '<paper>/<table>'"),
+    (["paper_tables=zone/table1"], "paper_tables must be a list of published tables such as [zone/table1], got "
+                                   "'zone/table1'"),
+    # a table without a declared mapping cannot be compared
+    (["paper_tables=[zone/table2]"], "paper_tables: no mapping for zone/table2: "),
 ])
 def test_other_bad_keys_and_values_fail_before_hydra(args, message, tmp_path, capsys):
     assert main(["run", *FAST, f"results_dir={tmp_path}", *args]) == 2

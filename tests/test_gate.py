@@ -268,21 +268,128 @@ def test_no_common_methods_and_bad_baselines_exit_2(tmp_path, capsys):
     assert "write METRIC=abs:VALUE or METRIC=rel:FRACTION" in capsys.readouterr().err
 
 
-def test_published_table_baselines_are_refused_with_exit_2(tmp_path, capsys, monkeypatch):
+def _paper(root: Path, rows: list[tuple[str, str, str, str]], mapping: dict) -> Path:
+    """A synthetic published table synth/table1 (+ its declared mapping) under ``root``."""
+    import csv
+
+    import yaml
+
+    from harness.paper import COLUMNS
+
+    d = root / "synth"
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "table1.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for method, metric, value, hib in rows:
+            w.writerow(["synth", "table1", "", method, metric, value, "", hib, "pie_bench", "1", ""])
+    (d / "table1.yaml").write_text(yaml.safe_dump({"source": "Synth et al. Table 1", "dataset": "synth"}))
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    return root
+
+
+PAPER_MAPPING = {"table": "synth/table1",
+                 "methods": {"A": {"method": "a"}, "B": {"method": "b"}, "Z": {"method": "z"},
+                             "Theirs": {"unmapped": "not implemented"}},
+                 "metrics": {"L1": {"metric": "l1", "region": "all", "factor": 1},
+                             "PSNR x10": {"metric": "psnr", "region": "all", "factor": 10},
+                             "Study": {"unmapped": "user study"}}}
+
+
+def test_gate_against_a_published_table(tmp_path):
+    """The run's interval of each mapped cell against the printed number: a planted regression
+    (a's L1 far above the paper's), an improvement (b's L1 far below), an unchanged cell (the
+    paper's value inside our interval), the x10 scale, absent and unmapped rows."""
+    from harness.gate import gate_paper
+
+    vals = base_values()
+    run = write_run(tmp_path / "run", vals, protocol="pie_bench")
+    a_l1, b_l1 = float(np.mean(vals["a"]["l1"])), float(np.mean(vals["b"]["l1"]))
+    b_psnr = float(np.mean(vals["b"]["psnr"]))
+    rows = [("A", "L1", f"{a_l1 - 0.05:.4f}", "false"),   # ours 0.05 worse (lower is better): regressed
+            ("B", "L1", f"{b_l1 + 0.05:.4f}", "false"),   # ours 0.05 better: improved
+            ("B", "PSNR x10", f"{10 * b_psnr:.3f}", "true"),  # ours x10 equals it to 3 decimals: unchanged
+            ("Z", "L1", "0.1", "false"),                  # mapped, not in the run: absent
+            ("Theirs", "L1", "0.2", "false"),              # declared unmapped: absent with the reason
+            ("A", "Study", "50", "true")]                  # metric unmapped
+    root = _paper(tmp_path / "paper", rows, PAPER_MAPPING)
+    r = gate_paper(run, "synth/table1", root=root)
+    got = {(c.method, c.metric): c for c in r.comparisons}
+    assert {k: c.status for k, c in got.items()} == {
+        ("a", "l1"): "regressed", ("b", "l1"): "improved", ("b", "psnr"): "unchanged", ("z", "l1"): "absent",
+        ("Theirs", "L1"): "absent", ("A", "Study"): "absent"}  # unmapped rows keep the paper's names
+    assert r.exit_code == 1 and r.baseline == "paper/synth/table1"
+    c = got[("a", "l1")]
+    s = summarize_one(run, "a", "l1")
+    # the change is ours - published; its interval is the run's own interval shifted by the printed value
+    assert c.change == pytest.approx(a_l1 - round(a_l1 - 0.05, 4), rel=1e-12)
+    assert (c.ci_low, c.ci_high) == pytest.approx((s.ci_low - round(a_l1 - 0.05, 4),
+                                                   s.ci_high - round(a_l1 - 0.05, 4)), rel=1e-12)
+    assert c.pairing == "published" and c.n_run == N and c.n_baseline == 0
+    p = got[("b", "psnr")]
+    assert p.run_mean == pytest.approx(10 * b_psnr, rel=1e-12) and p.baseline_mean == round(10 * b_psnr, 3)
+    assert "ours x10" in p.reason
+    assert "not implemented" in got[("Theirs", "L1")].reason and "user study" in got[("A", "Study")].reason
+    # a tolerance wide enough (in our units: 0.06 > the 0.05 planted) passes the gate
+    r2 = gate_paper(run, "synth/table1", {"l1": Tolerance("abs", 0.06)}, root=root)
+    assert r2.exit_code == 0 and {c.status for c in r2.comparisons if c.metric == "l1" and c.method in "ab"} == {
+        "unchanged"}
+    # abs tolerances convert with the factor: 0.5 dB of PSNR is 5 on the paper's x10 scale
+    r3 = gate_paper(run, "synth/table1", {"psnr": Tolerance("abs", 0.5)}, root=root)
+    assert next(c for c in r3.comparisons if c.metric == "psnr").tolerance_value == pytest.approx(5.0)
+    # --metrics selects harness metrics
+    assert {c.metric for c in gate_paper(run, "synth/table1", metrics=["psnr"], root=root).comparisons} == {"psnr"}
+    assert "PASS" in gate_paper(run, "synth/table1", metrics=["psnr"], root=root).summary_line()
+
+
+def summarize_one(run: Path, method: str, metric: str):
+    from harness.aggregate import load_run, summarize
+
+    s = summarize(load_run(run)[0], by=("method", "params"))
+    return s[(s.method == method) & (s.metric == metric)].iloc[0]
+
+
+def test_gate_against_a_published_table_exit_2(tmp_path):
+    """Protocol mismatch, a metric the mapping lacks, no common method, an unknown table: exit 2."""
+    from harness.gate import gate_paper
+
+    run = write_run(tmp_path / "run", base_values(), protocol="pie_bench")
+    root = _paper(tmp_path / "paper", [("A", "L1", "0.1", "false"), ("B", "PSNR x10", "280", "true"),
+                                       ("Z", "L1", "0.1", "false"), ("Theirs", "L1", "0.2", "false"),
+                                       ("A", "Study", "50", "true")], PAPER_MAPPING)
+    other = write_run(tmp_path / "other", base_values(), protocol="zone")
+    with pytest.raises(GateError, match="protocol mismatch"):
+        gate_paper(other, "synth/table1", root=root)
+    with pytest.raises(GateError, match="missing metric: 'lpips' is not mapped by paper/synth/table1"):
+        gate_paper(run, "synth/table1", metrics=["lpips"], root=root)
+    with pytest.raises(GateError, match="--tolerance lpips: paper/synth/table1 maps no such metric"):
+        gate_paper(run, "synth/table1", {"lpips": Tolerance()}, root=root)
+    lone = tmp_path / "lone"
+    write_job(lone, "c", base_values()["a"], protocol="pie_bench")
+    with pytest.raises(GateError, match="no common methods: none of paper/synth/table1's methods is in the run"):
+        gate_paper(lone, "synth/table1", root=root)
+    with pytest.raises(GateError, match="baseline paper/synth/nope"):
+        gate_paper(run, "synth/nope", root=root)
+
+
+def test_gate_cli_with_a_published_table(tmp_path, capsys):
+    """The CLI resolves paper/<paper>/<table> against the shipped results/paper/: zone/table1's
+    protocol is zone, so a run scored under 'default' is refused (exit 2) with the reason, in
+    JUnit too; a folder that is neither a run nor a table name is not a run."""
+    from harness.gate import paper_table_name
+
+    assert paper_table_name("paper/zone/table1") == "zone/table1"
+    assert paper_table_name("results/paper/zone/table1.csv") == "zone/table1"
+    assert paper_table_name(tmp_path / "results" / "run") is None
     run = write_run(tmp_path / "run", base_values())
-    monkeypatch.chdir(tmp_path)
     junit = tmp_path / "gate.xml"
-    assert main(["gate", str(run), "--baseline", "paper/zone_table1", "--junit", str(junit)]) == 2
+    assert main(["gate", str(run), "--baseline", "paper/zone/table1", "--junit", str(junit)]) == 2
     err = capsys.readouterr().err
-    assert "published-table baselines (paper/TABLE, results/paper/) are not available yet" in err
-    with pytest.raises(GateError, match="not available yet"):
-        gate(run, "paper/zone_table1")
-    assert ET.parse(junit).getroot().find(".//testcase[@name='gate']/error").get("message").startswith(
-        "baseline 'paper/zone_table1': published-table baselines")
-    # the folder of published tables is not a run either
+    assert "could not compare: baseline paper/zone/table1: protocol mismatch" in err
+    assert "protocol mismatch" in ET.parse(junit).getroot().find(".//testcase[@name='gate']/error").get("message")
     (tmp_path / "results" / "paper" / "zone").mkdir(parents=True)
     assert main(["gate", str(run), "--baseline", str(tmp_path / "results" / "paper" / "zone")]) == 2
-    assert "published-table baselines (paper/TABLE, results/paper/) are not available yet" in capsys.readouterr().err
+    assert "is not a run folder" in capsys.readouterr().err
 
 
 def test_new_and_absent_methods_are_listed_not_failed(tmp_path):
