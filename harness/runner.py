@@ -782,12 +782,18 @@ def _unet_counts(info: Mapping[str, Any]) -> dict[str, float]:
     """The edit's denoiser cost, machine-independent: UNet forward calls and the batch rows they
     evaluated (``info["network_calls"]`` / ``["network_rows"]``, counted by
     ``methods.diffusion.counting`` for every diffusion method; 0 when that method's UNet never
-    ran). NaN for an edit whose method does not count its networks (the classical methods, edits
+    ran). Every denoiser counts: ``unet`` and any ``unet_<name>`` (ZONE's MagicBrush UNet runs in
+    lock-step with IP2P's as ``unet_magicbrush``); auxiliary networks (SAM, CLIP, a VAE) do not.
+    NaN for an edit whose method does not count its networks (the classical methods, edits
     made elsewhere, edits cached before the counts existed): not measured, never zero."""
     calls, rows = info.get("network_calls"), info.get("network_rows")
     if not isinstance(calls, Mapping) or not isinstance(rows, Mapping):
         return {"unet_calls": math.nan, "unet_rows": math.nan}
-    return {"unet_calls": float(calls.get("unet", 0)), "unet_rows": float(rows.get("unet", 0))}
+
+    def denoisers(d: Mapping[str, Any]) -> float:
+        return float(sum(v for k, v in d.items() if k == "unet" or str(k).startswith("unet_")))
+
+    return {"unet_calls": denoisers(calls), "unet_rows": denoisers(rows)}
 
 
 def _base_metric(name: str, desc: Mapping[str, Any]) -> str:

@@ -20,3 +20,5 @@ from . import ledits_pp  # noqa: F401
 from . import prompt_to_prompt  # noqa: F401
 from . import sdxl_inpaint  # noqa: F401
 from . import paint_by_example  # noqa: F401
+from . import zone  # noqa: F401  (a package: methods/zone/)
+from . import text2live  # noqa: F401  (a package: methods/text2live/)

@@ -243,12 +243,28 @@ def test_every_diffusion_adapter_edit_counts():
     # every registered diffusion adapter (its own edit() or the base's) opens a tally
     from methods._diffusion_common import DiffusionMethod
 
+    # Text2LIVE is no diffusion method (a per-image optimisation under CLIP losses) but counts
+    # its networks (CLIP image / text towers, generator) the same way
+    counted_otherwise = {"text2live"}
     names = [n for n in METHODS.names() if issubclass(METHODS.get(n), DiffusionMethod)]
     classical = {"identity", "inpaint", "recolor", "paste", "move", "folder"}
-    assert set(names) == {p.stem for p in (Path(methods.__file__).parent.parent / "conf" / "method").glob("*.yaml")
-                          } - classical
-    for name in names:
+    assert set(names) | counted_otherwise == {
+        p.stem for p in (Path(methods.__file__).parent.parent / "conf" / "method").glob("*.yaml")} - classical
+    for name in [*names, *sorted(counted_otherwise)]:
         assert getattr(METHODS.get(name).edit, "counting_edit", False) is True, name
+
+
+def test_every_denoiser_counts_in_the_unet_columns():
+    """ZONE's MagicBrush UNet (``unet_magicbrush``) is a denoiser like IP2P's ``unet``; SAM and CLIP
+    are not."""
+    from harness.runner import _unet_counts
+
+    info = {"network_calls": {"unet": 20, "unet_magicbrush": 20, "sam": 1, "vae_decode": 1},
+            "network_rows": {"unet": 60, "unet_magicbrush": 60, "sam": 1, "vae_decode": 1}}
+    assert _unet_counts(info) == {"unet_calls": 40.0, "unet_rows": 120.0}
+    assert _unet_counts({"network_calls": {"clip_image": 3}, "network_rows": {"clip_image": 48}}) == {
+        "unet_calls": 0.0, "unet_rows": 0.0}
+    assert all(math.isnan(v) for v in _unet_counts({}).values())
 
 
 def test_watch_module_refuses_a_non_module():
