@@ -1,12 +1,21 @@
 """Dataset format loaders. Importing this package registers every format."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from ..registry import DATASET_FORMATS
-from . import generic  # noqa: F401  (registers "generic")
-from . import pie_bench, magicbrush  # noqa: F401  (register "pie_bench", "magicbrush")
+
+# `python -m harness.data.zone` (ZONE's converter) runs a module this package has already imported
+# (below, to register its format); runpy warns about that, and the module's __main__ block runs
+# the imported copy instead (harness/data/zone.py). Only that exact message is silenced.
+warnings.filterwarnings("ignore", message=r"'harness\.data\.zone' found in sys\.modules after import of package",
+                        category=RuntimeWarning)
+
+from . import generic  # noqa: E402,F401  (registers "generic")
+from . import pie_bench, magicbrush  # noqa: E402,F401  (register "pie_bench", "magicbrush")
+from . import zone  # noqa: E402,F401  (registers "zone": ZONE's test set, converted)
 from .generic import GenericDataset, SampleRef
 
 from ..paths import RESOURCE_ROOT
@@ -42,12 +51,13 @@ def open_dataset(cfg: Mapping[str, Any]):
     try:
         return loader(**cfg)
     except FileNotFoundError as e:
-        # The harness never downloads: a missing dataset is answered with its card's instructions.
+        # The harness never downloads: a missing dataset is answered with its card's instructions,
+        # on the same line (a run's check prints one line per problem).
         if not how_to_obtain:
             raise
         how = " ".join(str(how_to_obtain).split())
         raise FileNotFoundError(
-            f"{e}\nhow to obtain dataset '{cfg.get('name') or fmt}' (set dataset.root=PATH to point at it): {how}"
+            f"{e}; how to obtain dataset '{cfg.get('name') or fmt}' (set dataset.root=PATH to point at it): {how}"
         ) from None
 
 
