@@ -55,9 +55,9 @@ def compose_method(name: str, *overrides: str) -> dict:
 
 
 def test_every_diffusion_config_is_covered():
-    # the 16 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic
-    assert len(DIFFUSION_CONFIGS) == 16 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
-                                              "blended_latent_diffusion_sdxl"} <= set(DIFFUSION_CONFIGS)
+    # the 17 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE
+    assert len(DIFFUSION_CONFIGS) == 17 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
+                                              "blended_latent_diffusion_sdxl", "zone"} <= set(DIFFUSION_CONFIGS)
 
 
 # -- the tiny VAE is shaped like SD's: spatial factor 8 -----------------------------------------
