@@ -20,6 +20,7 @@ largest n of the competing rows of its column, within its dataset (and category)
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -43,6 +44,7 @@ from .aggregate import (
     load_run,
     metric_columns,
     params_sort_key,
+    parse_params,
     summarize,
     swept_params,
 )
@@ -601,6 +603,32 @@ def _aligned(head: Sequence[str], rows: Sequence[Sequence[str]], left: int) -> l
     return out
 
 
+def distinguishing_params(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per row, its parameters that differ between the rows of the same method (``a=1, b=x``),
+    ``-`` for a method with one parameter point: what tells a method's rows apart, without the
+    dozens of fixed parameters a method such as ZONE carries (those stay in table.md)."""
+    parsed: list[dict[str, Any]] = []
+    for r in rows:
+        try:
+            parsed.append(parse_params(r.get("params", "{}")))
+        except (ValueError, TypeError):
+            parsed.append({"params": str(r.get("params"))})
+    varying: dict[str, set[str]] = {}
+    by_method: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_method.setdefault(str(r.get("method")), []).append(i)
+    for method, idx in by_method.items():
+        keys = set().union(*(parsed[i].keys() for i in idx))
+        varying[method] = {k for k in keys
+                           if len({repr(parsed[i].get(k, "<unset>")) for i in idx}) > 1}
+    out = []
+    for i, r in enumerate(rows):
+        keys = sorted(varying[str(r.get("method"))])
+        d = {k: parsed[i].get(k) for k in keys}
+        out.append(format_params(json.dumps(d, sort_keys=True, default=str), empty="-"))
+    return out
+
+
 def terminal_table(t: Table, context: str, unscored: Sequence[str] = (), per_category: bool = True) -> str:
     """A compact plain-text table for the terminal: means only, marks as * (best) and + (second),
     the main columns of :func:`terminal_columns`; every other number is in table.md / table.csv.
@@ -611,9 +639,10 @@ def terminal_table(t: Table, context: str, unscored: Sequence[str] = (), per_cat
     else:
         shown, rest = terminal_columns(t)
         head = [_key_title(k) for k in t.row_keys] + ["n"] + [t.header(c) for c in shown]
+        short = distinguishing_params(t.rows)
         rows = []
         for i, row in enumerate(t.rows):
-            cells = [format_params(row[k], empty="-") if k == "params" else str(row[k]) for k in t.row_keys]
+            cells = [short[i] if k == "params" else str(row[k]) for k in t.row_keys]
             cells.append(str(t.n(row, shown or t.columns)))
             for col in shown:
                 mk = t.marks.get((i, col))
@@ -624,6 +653,9 @@ def terminal_table(t: Table, context: str, unscored: Sequence[str] = (), per_cat
         lines.append(f"{TERMINAL_MARKS['best']} best, {TERMINAL_MARKS['second']} second best per column, among "
                      f"competing rows (reference methods such as identity, and a value whose n is below "
                      f"{MIN_N_PERCENT}% of its column's largest, are not marked). n = samples scored.")
+        if "params" in t.row_keys:
+            lines.append("Params: only those that differ between a method's rows (- : one parameter point); every "
+                         "parameter is in table.md.")
         other = f"; {len(rest)} more column(s) (other regions, costs, reference columns)" if rest else ""
         lines.append(f"95% CIs{other}" + (", per-category tables" if per_category else "")
                      + ": table.md, table.csv" + (", table_by_category.md." if per_category else "."))

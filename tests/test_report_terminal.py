@@ -64,8 +64,10 @@ def test_terminal_table_protocol_without_whole_image(tmp_path):
     lines = files["terminal"].read_text().splitlines()
     assert "protocol partedit" in lines[0]
     assert _cells(lines[1]) == ["Method", "Params", "n", "psnr [unedited] ↑", "ssim [unedited] ↓"]
-    assert _cells(lines[2]) == ["a", "strength=1", "2", "25.00*", "0.9000*"]
-    assert _cells(lines[3]) == ["b", "strength=1", "2", "20.00", "0.9000*"]
+    # one parameter point per method: the Params column says so (its parameters are in table.md)
+    assert _cells(lines[2]) == ["a", "-", "2", "25.00*", "0.9000*"]
+    assert _cells(lines[3]) == ["b", "-", "2", "20.00", "0.9000*"]
+    assert "strength=1" in files["table.md"].read_text()
     assert lines[-1] == "95% CIs: table.md, table.csv."
 
 
@@ -91,3 +93,18 @@ def test_terminal_table_without_scores(tmp_path):
     assert files["terminal"].read_text().splitlines()[1:] == [
         "No scores in these runs (no metric configured, or every edit skipped or failed).",
         "Not scored (every edit skipped or failed, reasons in table.md): a."]
+
+
+def test_terminal_params_show_what_tells_a_methods_rows_apart():
+    """ZONE carries ~45 parameters: the terminal shows only those that differ between a method's
+    rows (a sweep's axis), '-' for a method with one point."""
+    from harness.report import distinguishing_params
+
+    rows = [{"method": "zone", "params": '{"beta": 0.0, "d0": 200, "use_sam": true}'},
+            {"method": "zone", "params": '{"beta": 0.2, "d0": 200, "use_sam": true}'},
+            {"method": "zone", "params": '{"beta": 0.2, "d0": 200, "use_sam": false}'},
+            {"method": "sdedit", "params": '{"strength": 0.8, "steps": 50}'},
+            {"method": "recolor", "params": '{"strength": 0.5}'},
+            {"method": "recolor", "params": '{}'}]
+    assert distinguishing_params(rows) == ["beta=0.0, use_sam=true", "beta=0.2, use_sam=true",
+                                           "beta=0.2, use_sam=false", "-", "strength=0.5", "strength=null"]
