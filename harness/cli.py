@@ -844,7 +844,16 @@ def _cmd_validate(argv: Sequence[str]) -> int:
     if path is not None:
         cfg = _load_yaml(path)
     elif Path(a.dataset).is_dir():
-        cfg = {"root": a.dataset, "format": "generic"}
+        # a folder's card may name its format (a converted ZONE set says format: zone, whose loader
+        # adds that set's own checks); otherwise the generic format
+        from .data.generic import GenericDataset
+        from .registry import DATASET_FORMATS
+
+        fmt = GenericDataset.read_card(Path(a.dataset)).get("format") or "generic"
+        if fmt not in DATASET_FORMATS.names():
+            raise UsageError(f"{Path(a.dataset) / 'card.yaml'}: format '{fmt}' is not a dataset format "
+                             f"({', '.join(DATASET_FORMATS.names())})")
+        cfg = {"root": a.dataset, "format": fmt}
     else:
         options = _group_options("dataset")
         raise UsageError(f"unknown dataset '{a.dataset}': not a config{_did_you_mean(a.dataset, options)} "

@@ -121,6 +121,17 @@ def test_validate_command_on_the_converted_folder(converted, capsys):
     assert main(["validate", str(conv.out)]) == 0
     assert capsys.readouterr().out == ("dataset 'zone' v1: 3 samples, 0 error(s), 0 warning(s); "
                                        "categories: add=1, change=1, remove=1\n")
+    # the folder's card says format: zone, so validate applies that format's own checks: an entry
+    # with a category that is no ZONE action is an error (the generic format would accept it)
+    manifest = conv.out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines()
+    first = json.loads(lines[0])
+    first["category"] = "change_color"
+    manifest.write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    assert main(["validate", str(conv.out)]) == 1
+    out = capsys.readouterr().out
+    assert f"ERROR sample '{first['id']}', field 'category': 'change_color'; a ZONE action is one of add, change, " \
+           "remove" in out
 
 
 def test_the_converted_folder_gives_identical_samples_through_the_generic_loader(converted):
@@ -364,3 +375,13 @@ def test_the_documented_module_command_runs_cleanly(tmp_path):
     assert out.stderr == ""
     assert out.stdout == f"wrote 3 sample(s) (add=1, change=1, remove=1) to {tmp_path / 'zone'}; 0 refused\n"
     assert [r.id for r in open_dataset(card(tmp_path / "zone")).refs()] == ["car", "tie", "musk"]
+
+
+def test_validate_refuses_a_card_naming_an_unknown_format(tmp_path, capsys):
+    from harness.cli import main
+
+    (tmp_path / "manifest.jsonl").write_text("")
+    (tmp_path / "card.yaml").write_text("format: zoen\n")
+    assert main(["validate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "card.yaml: format 'zoen' is not a dataset format (" in err and "zone" in err
