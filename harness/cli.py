@@ -5,9 +5,11 @@
   edit-harness score EDITS_DIR            score a folder of edits made elsewhere (<sample_id>.png)
   edit-harness validate DATASET           check a dataset (config name or folder)
   edit-harness gate RUN --baseline BASE   regression gate: exit 1 on a regression against a baseline run
+                                          or a published table (paper/zone/table1)
   edit-harness compare RUN --paper P/T    a published table's numbers and the run's side by side
   edit-harness figures RUN_DIR            the papers' figures (CLIP-I vs CLIP-T, ablations, qualitative grids)
-  edit-harness weights [PROTOCOL...]      which metric (and method) weights are present, how to provide the rest
+  edit-harness weights [NAME...]         which metric (and method) weights are present, how to provide the rest
+                                          (NAME: a protocol, an experiment, or method=METHOD)
   edit-harness list                       methods, datasets, metrics, protocols, experiments
 
 `edit-harness COMMAND --help` (or `edit-harness help COMMAND`) describes each command.
@@ -930,10 +932,10 @@ def _cmd_weights(argv: Sequence[str]) -> int:
         description="Which weights each metric of a protocol needs (for an experiment: also each of its methods), "
                     "which are present here, and how to provide the missing ones.",
     )
-    ap.add_argument("names", nargs="*", metavar="PROTOCOL|EXPERIMENT",
+    ap.add_argument("names", nargs="*", metavar="PROTOCOL|EXPERIMENT|method=METHOD",
                     help=f"protocols ({', '.join(protocols)}) or experiments ({', '.join(experiments)}); "
                          "experiment=NAME for an experiment that shares a protocol's name (default); "
-                         "default: every protocol")
+                         "method=NAME for one method's weights with its YAML defaults; default: every protocol")
     a = ap.parse_args(argv)
     from .scoring import MetricSuite
 
@@ -942,8 +944,16 @@ def _cmd_weights(argv: Sequence[str]) -> int:
         methods: list[tuple[str, dict]] = []
         # experiment=NAME / metrics=NAME say which group a name shared by both means
         kind, _, bare = name.rpartition("=")
+        if kind == "method":
+            options = _group_options("method")
+            if bare not in options:
+                raise UsageError(f"unknown method '{bare}'{_did_you_mean(bare, options)}; methods: {', '.join(options)}")
+            print(f"method {bare}:")
+            missing_methods += _print_method_weights([(bare, _config("method", bare))])
+            continue
         if kind and kind not in ("experiment", "metrics"):
-            raise UsageError(f"'{name}': write PROTOCOL, EXPERIMENT, metrics=PROTOCOL or experiment=EXPERIMENT")
+            raise UsageError(f"'{name}': write PROTOCOL, EXPERIMENT, metrics=PROTOCOL, experiment=EXPERIMENT or "
+                             "method=METHOD")
         if kind == "experiment" and bare not in experiments:
             raise UsageError(f"unknown experiment '{bare}'; experiments: {', '.join(experiments)}")
         name = bare
@@ -964,7 +974,8 @@ def _cmd_weights(argv: Sequence[str]) -> int:
             else:
                 print(f"  present  {e.name}: {e.metric.weights()}")
         missing_methods += _print_method_weights(methods)
-    print(f"{missing} metric(s) unavailable" if missing else "all metric weights present")
+    if not a.names or any(not n.startswith("method=") for n in a.names):
+        print(f"{missing} metric(s) unavailable" if missing else "all metric weights present")
     if missing_methods:
         print(f"{missing_methods} method model(s) missing: those methods' edits are skipped, naming the model")
     return 0

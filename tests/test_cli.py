@@ -246,3 +246,19 @@ def test_weights_command_lists_the_experiments_method_models(empty_hub, capsys):
     assert "method model(s) missing" in out
     assert main(["weights", "experiment=nope"]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
+
+
+def test_weights_command_for_one_method(empty_hub, capsys):
+    """method=NAME: that method's weights with its YAML defaults (ZONE needs four), no metric lines."""
+    assert main(["weights", "method=zone"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method zone:\n")
+    assert "MISSING  method zone: timbrooks/instruct-pix2pix: not in the Hugging Face hub cache" in out
+    assert "MISSING  method zone: vinesmsuic/magicbrush-jul7: not in the Hugging Face hub cache" in out
+    assert "MISSING  method zone: SAM vit_h checkpoint: method.sam_checkpoint is not set" in out
+    assert "present  method zone: ZONE action classifier (not set" in out
+    assert "3 method model(s) missing" in out and "metric" not in out.replace("method model(s)", "")
+    assert main(["weights", "method=identity"]) == 0
+    assert "present  method identity: needs no weights" in capsys.readouterr().out
+    assert main(["weights", "method=zoen"]) == 2
+    assert "unknown method 'zoen' (did you mean 'zone'?)" in capsys.readouterr().err
