@@ -11,6 +11,7 @@
   edit-harness weights [NAME...]         which metric (and method) weights are present, how to provide the rest
                                           (NAME: a protocol, an experiment, or method=METHOD)
   edit-harness list                       methods, datasets, metrics, protocols, experiments
+  edit-harness train-part-token ...       optimise a PartEdit part token from images and part masks
 
 `edit-harness COMMAND --help` (or `edit-harness help COMMAND`) describes each command.
 """
@@ -1128,8 +1129,16 @@ def _cmd_compare(argv: Sequence[str]) -> int:
     return 0
 
 
+def _cmd_train_part_token(argv: Sequence[str]) -> int:
+    """PartEdit's part-token training (methods/partedit/train.py has the arguments and the method)."""
+    from methods.partedit.train import main as train_main
+
+    return int(train_main(list(argv)) or 0)
+
+
 COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights,
-            "list": _cmd_list, "gate": _cmd_gate, "figures": _cmd_figures, "compare": _cmd_compare}
+            "list": _cmd_list, "gate": _cmd_gate, "figures": _cmd_figures, "compare": _cmd_compare,
+            "train-part-token": _cmd_train_part_token}
 
 
 def _run(rest: list[str]) -> int:

@@ -529,19 +529,25 @@ class CaptureController(AttentionController):
         self.store = store
         self.rows = rows
 
-    def needs_probs(self, ctx: AttentionContext) -> bool:
+    def wants(self, ctx: AttentionContext) -> bool:
+        """Whether this layer's probabilities are stored (subclasses choose other layers)."""
         return self.store.wants(ctx.place, ctx.kind, ctx.n_query)
 
-    def _selected_rows(self, layout: BatchLayout) -> list[int]:
+    def needs_probs(self, ctx: AttentionContext) -> bool:
+        return self.wants(ctx)
+
+    def _selected_rows(self, ctx: AttentionContext) -> list[int]:
+        """The batch rows stored (subclasses keep other rows)."""
+        layout = ctx.layout
         if self.rows == "cond" and "cond" in layout.guidance:
             return layout.rows("cond")
         return layout.rows()
 
     def on_probs(self, ctx: AttentionContext) -> None:
         assert ctx.probs is not None
-        if not self.store.wants(ctx.place, ctx.kind, ctx.n_query):
+        if not self.wants(ctx):
             return None
-        rows = self._selected_rows(ctx.layout)
+        rows = self._selected_rows(ctx)
         p = ctx.probs
         if len(rows) != ctx.batch_size:
             b = ctx.batch_size

@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..diffusion.attention import AttentionContext, AttentionController, AttentionStore
+from ..diffusion.attention import AttentionContext, AttentionStore, CaptureController
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -104,7 +104,7 @@ def _shape_for(n: int, aspect: float) -> tuple[int, int]:
     return best
 
 
-class ZoneCapture(AttentionController):
+class ZoneCapture(CaptureController):
     """Captures IP2P's cross-attention probabilities as the official ``AttentionStore`` does.
 
     ``rows``: the batch rows kept. IP2P's guidance batch is ``[text + image, null + image,
@@ -154,7 +154,8 @@ class ZoneCapture(AttentionController):
         image_size: Sequence[int] | None = None,
         **kw: Any,
     ) -> None:
-        super().__init__(**kw)
+        # Only cross-attention reaches the store; places are filtered by wants().
+        super().__init__(AttentionStore(kinds=("cross",), places=("down", "mid", "up"), max_tokens=None), **kw)
         rows = tuple(int(r) for r in rows)
         if not rows or len(set(rows)) != len(rows) or min(rows) < 0:
             raise ValueError(f"ZoneCapture: rows must be distinct non-negative batch rows, got {rows}")
@@ -165,8 +166,6 @@ class ZoneCapture(AttentionController):
         self.grid = _as_grid(grid)
         if self.grid is None and image_size is not None:
             self.grid = code_grid(*image_size)
-        # Only cross-attention reaches the store; places are filtered by keeps().
-        self.store = AttentionStore(kinds=("cross",), places=("down", "mid", "up"), max_tokens=None)
         self.max_cross_tokens = 0  # the finest cross-attention grid seen (tokens), for grid=None
         self.used_grid: tuple[int, int] | None = None
         self.used_layers: list[str] | None = None
@@ -198,26 +197,20 @@ class ZoneCapture(AttentionController):
         self._seen(ctx)
         return self.keeps(ctx)
 
-    def on_probs(self, ctx: AttentionContext) -> None:
-        assert ctx.probs is not None
-        if not self.keeps(ctx):
-            return None
+    def wants(self, ctx: AttentionContext) -> bool:
+        return self.keeps(ctx)
+
+    def _selected_rows(self, ctx: AttentionContext) -> list[int]:
         if max(self.rows) >= ctx.batch_size:
             raise ValueError(
                 f"ZoneCapture keeps batch rows {self.rows} but layer {ctx.name} was called with "
                 f"{ctx.batch_size} rows; InstructPix2Pix's guidance batch is [text + image, "
                 "null + image, null + zero-image] (3 rows)"
             )
-        p = ctx.probs.reshape(ctx.batch_size, ctx.heads, *ctx.probs.shape[1:])[list(self.rows)]
-        self.store.add(ctx.name, ctx.place, ctx.kind, ctx.heads, p.reshape(-1, *ctx.probs.shape[1:]))
-        return None
-
-    def on_step_end(self) -> None:
-        self.store.end_step()
+        return list(self.rows)
 
     def reset(self) -> None:
         super().reset()
-        self.store.reset()
         self.max_cross_tokens = 0
         self.used_grid = self.used_layers = self.grid_note = None
 
