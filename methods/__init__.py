@@ -22,3 +22,4 @@ from . import sdxl_inpaint  # noqa: F401
 from . import paint_by_example  # noqa: F401
 from . import zone  # noqa: F401  (a package: methods/zone/)
 from . import text2live  # noqa: F401  (a package: methods/text2live/)
+from . import partedit  # noqa: F401  (a package: methods/partedit/)
