@@ -23,3 +23,5 @@ from . import paint_by_example  # noqa: F401
 from . import zone  # noqa: F401  (a package: methods/zone/)
 from . import text2live  # noqa: F401  (a package: methods/text2live/)
 from . import partedit  # noqa: F401  (a package: methods/partedit/)
+from . import ef_ddpm  # noqa: F401
+from . import pnp_inversion  # noqa: F401
