@@ -656,6 +656,12 @@ def terminal_table(t: Table, context: str, unscored: Sequence[str] = (), per_cat
         if "params" in t.row_keys:
             lines.append("Params: only those that differ between a method's rows (- : one parameter point); every "
                          "parameter is in table.md.")
+        # a number from a stand-in or random-weight model is never shown unlabelled
+        info = _metric_info(t.summary)
+        flagged = {m: i["weights"] for m, i in info.items()
+                   if m in {c[0] for c in shown} and ("STAND-IN" in i["weights"] or "RANDOM WEIGHTS" in i["weights"])}
+        for m, w in flagged.items():
+            lines.append(f"Weights of {m}: {w}")
         other = f"; {len(rest)} more column(s) (other regions, costs, reference columns)" if rest else ""
         lines.append(f"95% CIs{other}" + (", per-category tables" if per_category else "")
                      + ": table.md, table.csv" + (", table_by_category.md." if per_category else "."))

@@ -200,7 +200,8 @@ def test_embedded_sample_set_is_valid():
     assert len(refs) >= 12
     assert ds.validate() == []
     cats = {r.category for r in refs}
-    for c in ("add", "remove", "change_object", "change_color", "change_background", "move", "paste", "face_drag"):
+    for c in ("add", "remove", "change_object", "change_color", "change_background", "move", "paste", "face_drag",
+              "part"):
         assert c in cats, c
     faces = [ds.load(r) for r in refs if r.category == "face_drag"]
     assert len(faces) >= 2

@@ -426,3 +426,20 @@ def test_tokens_status(tmp_path):
     missing = [how for _, how in status if how is not None]
     assert len(missing) == 8 and all(TOKEN_DATASET in how and TOKEN_PARAM in how for how in missing)
     assert all(how is not None for _, how in tokens_status(None))
+
+
+def test_official_demo_keys_resolve_to_the_files_the_demo_loads(tmp_path):
+    """PartEdit-Bench's token_cls and the demo use model.py's keys; each resolves to the file the
+    released code loads for it (the two head tokens swapped, as released)."""
+    import torch
+
+    from methods.partedit.tokens import OFFICIAL_KEYS, PART_TOKENS, find_part_token, save_part_token
+
+    assert set(OFFICIAL_KEYS.values()) == set(PART_TOKENS)
+    (tmp_path / "pt").mkdir()
+    for name in PART_TOKENS:
+        save_part_token(torch.zeros(2, 8), tmp_path / "pt" / f"{name}.pt")
+    assert find_part_token("human_hair", tmp_path) == tmp_path / "pt" / "partimage_human_hair.pt"
+    assert find_part_token("human_torso_custom", tmp_path) == tmp_path / "pt" / "torso_custom.pt"
+    assert find_part_token("quadruped_head", tmp_path) == tmp_path / "pt" / "partimage_biped_head.pt"
+    assert find_part_token("partimage_quadruped_head", tmp_path) == tmp_path / "pt" / "partimage_quadruped_head.pt"

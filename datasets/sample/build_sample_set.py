@@ -33,6 +33,10 @@ from skimage import morphology
 
 ROOT = Path(__file__).resolve().parent
 SIZE = 512
+# harness.types.CATEGORIES, restated so the script runs without the harness installed; a category
+# beyond these is written to the card's extra_categories.
+HARNESS_CATEGORIES = ("add", "remove", "change_object", "change_color", "change_material", "change_background",
+                      "move", "paste", "face_drag", "random", "change_content", "change_pose", "change_style")
 
 cv2.setNumThreads(1)  # keep OpenCV single-threaded so every run does the same arithmetic
 
@@ -449,6 +453,42 @@ def glasses_mask(img):
     return dilate(left | right | bridge | temples, 3)
 
 
+# Part masks (PartEdit's part edits: a part of an object, not the object). The part follows the
+# annotation of the datasets PartEdit's tokens were trained on (PASCAL-Part, PartImageNet): hair
+# alone; the head as the face with the hair below the headwear; the torso as the suit from the
+# shoulders down, without the arms, the neck ring or the helmet held in front of it.
+def hair_mask(img):
+    """The astronaut's hair: GrabCut from a hand polygon between the hair's outline and the hairline."""
+    region = poly([(152, 77), (157, 53), (173, 37), (197, 23), (230, 13), (260, 18), (283, 33), (297, 57), (302, 83),
+                   (295, 110), (283, 128), (272, 132), (268, 110), (263, 90), (253, 73), (230, 67), (207, 68),
+                   (190, 78), (183, 97), (180, 113), (170, 117)])
+    m = grabcut(img, region, band=10)
+    return largest(clean(close(m, 2), 100, 400))
+
+
+def head_mask(img):
+    """Grace Hopper's head below the cap (face, glasses, ears, the grey hair at the sides): GrabCut
+    from a hand polygon, the cap's dark band (value < 70 above y = 175) sure background."""
+    region = poly([(157, 165), (200, 150), (265, 140), (330, 150), (372, 165), (373, 210), (360, 260), (347, 290),
+                   (320, 325), (285, 345), (250, 345), (215, 325), (190, 295), (170, 270), (155, 220)])
+    cap = (hsv(img)[..., 2] < 70) & (np.arange(SIZE)[:, None] < 175)
+    m = grabcut(img, region & ~cap, sure_bg=cap, band=12)
+    return largest(fill_holes(clean(close(m, 3), 100, 2000)))
+
+
+def torso_mask(img):
+    """The astronaut's torso: a hand polygon from the shoulders down between the arms, minus the
+    helmet (an ellipse) and, above y = 300, every pixel that is not the suit's orange (the neck ring)."""
+    region = poly([(88, 300), (100, 240), (125, 205), (140, 240), (170, 272), (215, 290), (265, 288), (298, 262),
+                   (318, 248), (345, 275), (362, 335), (300, 355), (283, 420), (276, 511), (95, 511), (82, 420)])
+    helmet = ellipse((395, 445), (122, 104))
+    h = hsv(img)
+    orange = ((h[..., 0] <= 22) | (h[..., 0] >= 170)) & (h[..., 1] > 90) & (h[..., 2] > 60)
+    upper = np.arange(SIZE)[:, None] < 300
+    m = region & ~helmet & (orange | ~upper)
+    return largest(fill_holes(clean(open_(close(m, 3), 2), 200, 4000)))
+
+
 # ----------------------------------------------------------------------------------------------
 # Face landmarks (dlib 68-point predictor from face_recognition_models)
 # ----------------------------------------------------------------------------------------------
@@ -650,6 +690,34 @@ def build(preview: Path | None = None) -> None:
              target_caption="an elderly woman without glasses in a navy officer's cap",
              category="remove",
              meta=meta("grace_hopper", mask="rims and lenses: hand ellipses + bridge and temple polygons, dilated 3 px")),
+        # Part edits (PartEdit, issue 14), prompts as PartEdit builds them: the edit prompt is the
+        # source prompt with meta.subject replaced by meta.edit (model.py: prompt.replace(subject,
+        # edit)), the same number of words (its Prompt-to-Prompt word swap, AttentionReplace,
+        # needs that), and the part token confines the change to the part; meta.token_cls names
+        # the official part token (model.py PART_TOKENS key, as PartEdit-Bench v1.1's token_cls).
+        dict(id="astronaut_hair_pink", img="astronaut", mask=hair_mask(images["astronaut"]),
+             instruction="Make her hair pink",
+             source_caption="a photo of a smiling woman in an orange spacesuit",
+             target_caption="a photo of a pink-haired woman in an orange spacesuit",
+             category="part", part="hair",
+             meta=meta("astronaut", subject="smiling woman", edit="pink-haired woman", token_cls="human_hair",
+                       mask="hair: GrabCut from a hand polygon along the hair's outline and the hairline")),
+        dict(id="grace_hopper_head_statue", img="grace_hopper", mask=head_mask(images["grace_hopper"]),
+             instruction="Turn her head into a bronze statue's head",
+             source_caption="a photo of a woman in glasses and a navy officer's cap",
+             target_caption="a photo of a statue in glasses and a navy officer's cap",
+             category="part", part="head",
+             meta=meta("grace_hopper", subject="woman", edit="statue", token_cls="human_head",
+                       mask="head below the cap (face, glasses, ears, side hair): GrabCut from a hand polygon, "
+                            "the cap's dark band sure background")),
+        dict(id="astronaut_torso_armor", img="astronaut", mask=torso_mask(images["astronaut"]),
+             instruction="Turn her torso into a knight's armor",
+             source_caption="a photo of a smiling woman in front of a flag",
+             target_caption="a photo of a smiling knight in front of a flag",
+             category="part", part="torso",
+             meta=meta("astronaut", subject="woman", edit="knight", token_cls="human_torso_custom",
+                       mask="suit torso between the arms: hand polygon minus the helmet ellipse and, above "
+                            "y = 300, every non-orange pixel (the neck ring)")),
     ]
 
     # 3. Write masks and the manifest (keys in the generic format's order, absent keys omitted).
@@ -721,8 +789,9 @@ def write_card(samples, originals) -> None:
         "description": (
             "Embedded real-photo sample set of edit-harness: %d text-guided editing samples on %d photographs "
             "that ship inside scikit-image, scikit-learn and matplotlib, cropped to 512x512, with hand-made edit "
-            "masks, dlib landmarks for face drags, a drag pair for a move, and a reference object for a paste. "
-            "No ground-truth targets." % (len(samples), len(SOURCES))
+            "masks, dlib landmarks for face drags, a drag pair for a move, a reference object for a paste, and "
+            "part masks for part edits (category part, declared in extra_categories). No ground-truth "
+            "targets." % (len(samples), len(SOURCES))
         ),
         "license": {
             "summary": (
@@ -737,6 +806,8 @@ def write_card(samples, originals) -> None:
         "how_to_rebuild": "python datasets/sample/build_sample_set.py",
         "built_with": versions,
         "categories": dict(sorted(cats.items())),
+        # Part edits (PartEdit) are none of harness.types.CATEGORIES: declared for the generic loader.
+        "extra_categories": sorted(c for c in cats if c not in HARNESS_CATEGORIES),
         "images": imgs,
         "masks": (
             "One uint8 PNG per sample, 0 or 255, 512x512, 255 = region that should change. Made by hand-chosen "
@@ -746,7 +817,8 @@ def write_card(samples, originals) -> None:
             "script and is named in the sample's meta.mask. remove: the object dilated by 3-5 px. add: the "
             "plausible region for the new object. move: the object's mask united with its copy at the "
             "destination. paste: the reference object's silhouette scaled and placed on the source. face_drag: "
-            "convex hull of the 68 source and 68 target landmarks, dilated 15 px."
+            "convex hull of the 68 source and 68 target landmarks, dilated 15 px. part: the part alone (hair; "
+            "the head below the headwear; the torso between the arms), as PASCAL-Part annotates it."
         ),
         "landmarks": (
             "face_drag source_points are the 68 points of dlib.shape_predictor with "

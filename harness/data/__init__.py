@@ -16,6 +16,7 @@ warnings.filterwarnings("ignore", message=r"'harness\.data\.zone' found in sys\.
 from . import generic  # noqa: E402,F401  (registers "generic")
 from . import pie_bench, magicbrush  # noqa: E402,F401  (register "pie_bench", "magicbrush")
 from . import zone  # noqa: E402,F401  (registers "zone": ZONE's test set, converted)
+from . import partedit_bench  # noqa: E402,F401  (registers "partedit_bench": PartEdit-Bench's parquet files)
 from .generic import GenericDataset, SampleRef
 
 from ..paths import RESOURCE_ROOT

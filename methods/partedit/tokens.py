@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
 __all__ = [
+    "OFFICIAL_KEYS",
     "PART_TOKENS",
     "TOKEN_DATASET",
     "TOKEN_EXTENSIONS",
@@ -154,13 +155,31 @@ def _provide(name: str, folder: Path | None) -> str:
     )
 
 
+#: The official demo's part keys (``model.py`` ``PART_TOKENS``; PartEdit-Bench v1.1's ``token_cls``
+#: column uses them) -> the token file each loads there. Kept as the released code has it,
+#: including its swap of the two head tokens (see :data:`PART_TOKENS`): a key resolves to the file
+#: the official demo would load, and the edit's info names that file.
+OFFICIAL_KEYS: dict[str, str] = {
+    "human_head": "partimage_human_head",
+    "human_hair": "partimage_human_hair",
+    "human_torso_custom": "torso_custom",
+    "chair_custom": "chair_custom",
+    "carhood_custom": "carhood_custom",
+    "carbody": "partimage_carbody",
+    "biped_head": "partimage_quadruped_head",
+    "quadruped_head": "partimage_biped_head",
+    "human_torso": "partimage_human_torso",
+}
+
+
 def find_part_token(name_or_path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
     """The token file for ``name_or_path``.
 
     A path to an existing file (or any value with a ``.pt`` / ``.safetensors`` extension or a
     path separator) is taken as a path. A name (``partimage_human_head``) is looked up in
     ``folder`` as ``<name>.pt``, ``<name>.safetensors``, ``pt/<name>.pt`` or
-    ``safetensors/<name>.safetensors`` (the dataset's layout). Raises :class:`MissingWeights`
+    ``safetensors/<name>.safetensors`` (the dataset's layout); an official demo key
+    (``human_head``, :data:`OFFICIAL_KEYS`) is first turned into its file name. Raises :class:`MissingWeights`
     naming the token, the places looked in, where the token is published and the parameter to set.
     """
     raw = str(name_or_path).strip()
@@ -172,6 +191,8 @@ def find_part_token(name_or_path: str | os.PathLike, folder: str | os.PathLike |
         if p.is_file():
             return p
         raise MissingWeights(f"part token file {p} does not exist; {_provide(p.stem, p.parent)}")
+    if raw not in PART_TOKENS and raw in OFFICIAL_KEYS:
+        raw = OFFICIAL_KEYS[raw]  # the demo's key (token_cls) -> the file it loads
     base = Path(folder).expanduser() if folder not in (None, "") else None
     tried: list[Path] = []
     if base is not None:
