@@ -1133,7 +1133,7 @@ def _cmd_train_part_token(argv: Sequence[str]) -> int:
     """PartEdit's part-token training (methods/partedit/train.py has the arguments and the method)."""
     from methods.partedit.train import main as train_main
 
-    return int(train_main(list(argv)) or 0)
+    return int(train_main(list(argv), prog="edit-harness train-part-token") or 0)
 
 
 COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights,

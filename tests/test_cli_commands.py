@@ -155,7 +155,7 @@ def test_run_help_prints_ours_and_starts_nothing(tmp_path):
     text = out.stdout
     assert text.startswith("usage: edit-harness run [-m]")
     assert "A job is one method with one parameter point on one dataset" in " ".join(text.split())
-    for line in ("  dataset:    magicbrush, pie_bench, sample", "  inpaint:", "examples:",
+    for line in ("  dataset:    magicbrush, partedit_bench, pie_bench, sample, zone", "  inpaint:", "examples:",
                  "  edit-harness run -m method=recolor method.strength=0,0.5,1", "--hydra-help"):
         assert line in text, line
     assert not list(tmp_path.iterdir())  # no results/ folder: nothing ran
@@ -164,7 +164,16 @@ def test_run_help_prints_ours_and_starts_nothing(tmp_path):
     assert hydra.returncode == 0 and "Hydra (" in hydra.stdout and not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("command", ["report", "score", "validate", "weights", "list", "gate", "figures", "compare"])
+def test_the_parametrised_help_test_covers_every_command():
+    from harness.cli import COMMANDS
+
+    assert set(COMMANDS) == set(HELP_COMMANDS)
+
+
+HELP_COMMANDS = ["report", "score", "validate", "weights", "list", "gate", "figures", "compare", "train-part-token"]
+
+
+@pytest.mark.parametrize("command", HELP_COMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         main([command, "--help"])

@@ -40,6 +40,8 @@ TINY_EXTRA = {
     "prompt_to_prompt": {"num_inner_steps": 2},
     "masactrl": {"start_step": 1, "start_layer": 3},
     "ledits_pp": {"use_intersect_mask": False},
+    "ef_ddpm": {"skip": 1},
+    "partedit": {"dtype": "fp32", "mask_size": 64},
 }
 
 
@@ -55,9 +57,11 @@ def compose_method(name: str, *overrides: str) -> dict:
 
 
 def test_every_diffusion_config_is_covered():
-    # the 17 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE
-    assert len(DIFFUSION_CONFIGS) == 17 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
-                                              "blended_latent_diffusion_sdxl", "zone"} <= set(DIFFUSION_CONFIGS)
+    # the 21 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE,
+    # PartEdit and its real-image baselines
+    assert len(DIFFUSION_CONFIGS) == 21 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
+                                              "blended_latent_diffusion_sdxl", "zone", "partedit", "ef_ddpm",
+                                              "pnp_inversion", "infedit"} <= set(DIFFUSION_CONFIGS)
 
 
 # -- the tiny VAE is shaped like SD's: spatial factor 8 -----------------------------------------

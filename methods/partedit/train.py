@@ -458,10 +458,10 @@ def load_dataset_pairs(
     return images, masks, names, skipped
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = "python -m methods.partedit.train") -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m methods.partedit.train",
+        prog=prog,
         description="Optimise a PartEdit part token (2 x D: background, part) from images and part masks "
                     "and write it as .pt or .safetensors (the format the partedit method loads).",
     )
@@ -496,11 +496,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m methods.partedit.train") -> int:
     """Command line entry point; returns the exit status (0 ok, 2 bad input, 3 missing weights)."""
     from ..diffusion.loading import MissingWeights, ModelSpec, UnsupportedSetting, load_pipeline
 
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     out = Path(args.out).expanduser()
     if out.suffix.lower() not in (".pt", ".safetensors"):
         print(f"error: --out {out}: the token file must end in .pt or .safetensors", file=sys.stderr)
