@@ -26,3 +26,4 @@ from . import partedit  # noqa: F401  (a package: methods/partedit/)
 from . import ef_ddpm  # noqa: F401
 from . import pnp_inversion  # noqa: F401
 from . import partedit_bench_results  # noqa: F401
+from . import infedit  # noqa: F401
