@@ -67,7 +67,7 @@ def test_every_override_form_is_checked(args, capsys):
     (["metrics=default,nope"], "unknown metrics 'nope'"),
     (["+experiment=nope"], "unknown experiment 'nope'"),
     # a sweep over methods: the parameter must exist in each
-    (["-m", "method=glob(in*)", "++method.radius=3"], "method 'instruct_pix2pix' has no parameter(s) radius"),
+    (["-m", "method=glob(in*)", "++method.radius=3"], "method 'infedit' has no parameter(s) radius"),
     # an experiment's methods, when the command line names none
     (["experiment=recolor_strength", "++method.radius=3"], "method 'recolor' has no parameter(s) radius"),
 ])

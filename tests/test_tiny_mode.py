@@ -132,7 +132,8 @@ def test_tiny_alone_gives_small_defaults_real_gives_the_papers(name):
         want = {n: fields[n].metadata["auto"].real for n in names}
         want = {n: (v(real) if callable(v) else v) for n, v in want.items()}
         assert {n: getattr(real, n) for n in names} == want
-        assert real.resolution >= 512 and real.num_inference_steps >= 20  # the papers' sizes
+        # the papers' sizes; InfEdit samples a latent consistency model, 15 steps in its demo
+        assert real.resolution >= 512 and real.num_inference_steps >= (15 if name == "infedit" else 20)
 
 
 def test_paper_defaults_with_real_weights():
