@@ -158,6 +158,33 @@ def _to_rgb_uint8(img: Image.Image, notes: list[str], alpha: str = "white") -> n
     return np.asarray(img.convert("RGB"))
 
 
+def rgb_from_image(img: Image.Image, field: str, notes: list[str], *, exif_orientation: bool = True,
+                   alpha: str = "white", differs: dict[str, list[str]] | None = None) -> np.ndarray:
+    """A loaded 8-bit image as RGB uint8 with the harness's conversions (EXIF orientation, alpha,
+    palette, CMYK ...), each noted under ``field``; ``differs`` as for :func:`load_image`."""
+    orientation = _exif_orientation(img)
+    turned = orientation not in (None, 1)
+    if turned:
+        notes.append(f"{field}: EXIF orientation {orientation} "
+                     + ("applied" if exif_orientation else "not applied (protocol decoding)"))
+    local: list[str] = []
+    arr = _to_rgb_uint8(ImageOps.exif_transpose(img) if exif_orientation else img, local, alpha)
+    notes.extend(f"{field}: {n}" for n in local)
+    if differs is not None:
+        how = []
+        # Each difference is checked by decoding once more with that option at its
+        # default: only an image where it changes the pixels is reported.
+        if turned and not exif_orientation and not _same(arr, _to_rgb_uint8(ImageOps.exif_transpose(img), [], alpha)):
+            how.append("exif_ignored")
+        if alpha != "white" and _has_alpha(img):
+            base = ImageOps.exif_transpose(img) if exif_orientation else img
+            if not _same(arr, _to_rgb_uint8(base, [], "white")):
+                how.append("alpha_dropped")
+        if how:
+            differs[field] = how
+    return arr
+
+
 def load_image(
     path: str | os.PathLike,
     sample_id: str,
@@ -189,26 +216,7 @@ def load_image(
                 arr = _load_16bit_colour(p)
                 notes.append(f"{field}: 16-bit colour scaled to 8 bits")
                 return arr
-            orientation = _exif_orientation(img)
-            turned = orientation not in (None, 1)
-            if turned:
-                notes.append(f"{field}: EXIF orientation {orientation} "
-                             + ("applied" if exif_orientation else "not applied (protocol decoding)"))
-            local: list[str] = []
-            arr = _to_rgb_uint8(ImageOps.exif_transpose(img) if exif_orientation else img, local, alpha)
-            notes.extend(f"{field}: {n}" for n in local)
-            if differs is not None:
-                how = []
-                # Each difference is checked by decoding once more with that option at its
-                # default: only an image where it changes the pixels is reported.
-                if turned and not exif_orientation and not _same(arr, _to_rgb_uint8(ImageOps.exif_transpose(img), [], alpha)):
-                    how.append("exif_ignored")
-                if alpha != "white" and _has_alpha(img):
-                    base = ImageOps.exif_transpose(img) if exif_orientation else img
-                    if not _same(arr, _to_rgb_uint8(base, [], "white")):
-                        how.append("alpha_dropped")
-                if how:
-                    differs[field] = how
+            arr = rgb_from_image(img, field, notes, exif_orientation=exif_orientation, alpha=alpha, differs=differs)
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -246,6 +254,25 @@ def _load_16bit_colour(p: Path) -> np.ndarray:
     return np.round(arr.astype(np.float64) / 257.0).astype(np.uint8)
 
 
+def mask_levels(img: Image.Image, field: str, notes: list[str], exif_orientation: bool = True) -> tuple[np.ndarray, int]:
+    """The levels a mask image carries and their scale's top (255, or 65535 for 16-bit): its
+    alpha channel when that is not fully opaque, else its grey levels (an RGBA mask whose alpha
+    is all 255 carries its mask in its colours: noted). Loads ``img``; ``exif_orientation``
+    applies its EXIF rotation first."""
+    img.load()
+    if exif_orientation:
+        img = ImageOps.exif_transpose(img)
+    if _has_alpha(img):
+        a = np.asarray(img.convert("RGBA").getchannel("A"))
+        if a.min() < 255:
+            return a, 255
+        notes.append(f"{field}: alpha channel fully opaque, grey levels used as the mask")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        levels = np.asarray(img).astype(np.int64)
+        return levels, 65535 if levels.max(initial=0) > 255 or img.mode.startswith("I;16") else 255
+    return np.asarray(img.convert("L")), 255
+
+
 def load_mask(
     path: str | os.PathLike, sample_id: str, field: str, shape: tuple[int, int] | None,
     exif_orientation: bool = True,
@@ -273,22 +300,7 @@ def load_mask(
         raise SampleError(sample_id, field, f"file not found: {shown}")
     try:
         with open_image(p, sample_id, field, shown, max_pixels, what="mask") as img:
-            img.load()
-            if exif_orientation:
-                img = ImageOps.exif_transpose(img)
-            levels, top = None, 255
-            if _has_alpha(img):
-                a = np.asarray(img.convert("RGBA").getchannel("A"))
-                if a.min() < 255:
-                    levels = a
-                else:
-                    notes.append(f"{field}: alpha channel fully opaque, grey levels used as the mask")
-            if levels is None:
-                if img.mode.startswith("I;16") or img.mode == "I":
-                    levels = np.asarray(img).astype(np.int64)
-                    top = 65535 if levels.max(initial=0) > 255 or img.mode.startswith("I;16") else 255
-                else:
-                    levels = np.asarray(img.convert("L"))
+            levels, top = mask_levels(img, field, notes, exif_orientation)
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

@@ -55,10 +55,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from ..images import (DECODE_DIFFERS, DEFAULT_MAX_PIXELS, MASK_CONVERSIONS, _exif_orientation, _has_alpha,
-                      _to_rgb_uint8, binarize_mask, check_mask_rule, check_max_pixels, decode_options)
+from ..images import (DECODE_DIFFERS, DEFAULT_MAX_PIXELS, MASK_CONVERSIONS, binarize_mask, check_mask_rule,
+                      check_max_pixels, decode_options, mask_levels, rgb_from_image)
 from ..registry import DATASET_FORMATS
 from ..types import CATEGORIES, DatasetError, Sample, SampleError
 from .generic import DatasetLoader, SampleRef, _fingerprint, inside, select_refs, subset_params
@@ -189,21 +189,7 @@ def decode_image(data: bytes, sid: str, field: str, shown: str, notes: list[str]
     try:
         with img:
             img.load()
-            orientation = _exif_orientation(img)
-            turned = orientation not in (None, 1)
-            if turned:
-                notes.append(f"{field}: EXIF orientation {orientation} "
-                             + ("applied" if exif_orientation else "not applied (protocol decoding)"))
-            local: list[str] = []
-            arr = _to_rgb_uint8(ImageOps.exif_transpose(img) if exif_orientation else img, local, alpha)
-            notes.extend(f"{field}: {n}" for n in local)
-            if differs is not None and alpha != "white" and _has_alpha(img):
-                base = ImageOps.exif_transpose(img) if exif_orientation else img
-                if not np.array_equal(arr, _to_rgb_uint8(base, [], "white")):
-                    differs[field] = ["alpha_dropped"]
-            if differs is not None and turned and not exif_orientation:
-                if not np.array_equal(arr, _to_rgb_uint8(ImageOps.exif_transpose(img), [], alpha)):
-                    differs.setdefault(field, []).append("exif_ignored")
+            arr = rgb_from_image(img, field, notes, exif_orientation=exif_orientation, alpha=alpha, differs=differs)
     except SampleError:
         raise
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
@@ -219,25 +205,9 @@ def decode_mask(data: bytes, sid: str, field: str, shown: str, shape: tuple[int,
     is not fully opaque, else the grey levels, read with the dataset's mask rule (as
     :func:`harness.images.load_mask` reads files)."""
     img = _open(data, sid, field, shown, max_pixels)
-    top = 255
     try:
         with img:
-            img.load()
-            if exif_orientation:
-                img = ImageOps.exif_transpose(img)
-            levels = None
-            if _has_alpha(img):
-                a = np.asarray(img.convert("RGBA").getchannel("A"))
-                if a.min() < 255:
-                    levels = a
-                else:
-                    notes.append(f"{field}: alpha channel fully opaque, grey levels used as the mask")
-            if levels is None:
-                if img.mode.startswith("I;16") or img.mode == "I":
-                    levels = np.asarray(img).astype(np.int64)
-                    top = 65535 if levels.max(initial=0) > 255 or img.mode.startswith("I;16") else 255
-                else:
-                    levels = np.asarray(img.convert("L"))
+            levels, top = mask_levels(img, field, notes, exif_orientation)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise SampleError(sid, field, f"unreadable or truncated mask {shown}: {e}") from None
     if levels.shape != tuple(shape):
