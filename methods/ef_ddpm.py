@@ -75,8 +75,51 @@ def require_epsilon_prediction(owner: str, model: str, pipe: Any) -> None:
         )
 
 
+class CaptionedInversionMethod(DiffusionMethod):
+    """What EF-DDPM and PnPInversion share: an SD text-to-image pipeline of an epsilon-prediction
+    checkpoint, an edit that inverts the source with its source caption and samples with its
+    target caption (``call_pipeline`` reads the sample being edited from ``self._sample`` and
+    leaves its own facts in ``self._run_info``)."""
+
+    @classmethod
+    def pipeline_class(cls) -> type:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline
+
+    def __init__(self, params: "DiffusionMethod.Params | None" = None):
+        super().__init__(params)
+        self._sample: Sample | None = None
+        self._run_info: dict[str, Any] = {}
+
+    def prepare(self) -> None:
+        super().prepare()
+        assert self._loaded is not None
+        require_epsilon_prediction(self.name, self.params.model, self._loaded.pipeline)
+
+    def edit_with_captions(self, sample: Sample, seed: int, **info: Any) -> MethodOutput:
+        """Run ``call_pipeline`` on ``sample`` with its target caption; the edit's info gets
+        ``info``, what ``call_pipeline`` recorded, the prompts and the timings."""
+        import torch
+
+        start = self.begin_edit(sample, seed)
+        prep = time.perf_counter() - start.t0
+        torch.manual_seed(int(seed))  # what draws noise draws it from the edit's generator; this is for safety
+        target = str(sample.target_caption)
+        self._sample, self._run_info = sample, {}
+        try:
+            with torch.inference_mode():
+                out = self.call_pipeline(start.loaded.pipeline, start.image, target, start.generator)
+            run_info = self._run_info
+        finally:
+            self._sample, self._run_info = None, {}
+        meta = self.edit_info(start, seed, prep, **info, **run_info, prompt_field=self.prompt_field, prompt=target,
+                              source_caption=str(sample.source_caption))
+        return MethodOutput(image=from_pipeline_output(out.images, start.source_hw), info=meta)
+
+
 @METHODS.register("ef_ddpm")
-class EditFriendlyDDPM(DiffusionMethod):
+class EditFriendlyDDPM(CaptionedInversionMethod):
     """Edit-friendly DDPM inversion with the source caption, then sampling with the target caption."""
 
     version = "1"
@@ -108,22 +151,6 @@ class EditFriendlyDDPM(DiffusionMethod):
                 )
             if not isinstance(self.zero_last_noise, bool):
                 raise ValueError(f"{owner}: 'zero_last_noise' must be true or false, got {self.zero_last_noise!r}")
-
-    @classmethod
-    def pipeline_class(cls) -> type:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-
-    def __init__(self, params: "EditFriendlyDDPM.Params | None" = None):
-        super().__init__(params)
-        self._sample: Sample | None = None
-        self._run_info: dict[str, Any] = {}
-
-    def prepare(self) -> None:
-        super().prepare()
-        assert self._loaded is not None
-        require_epsilon_prediction(self.name, self.params.model, self._loaded.pipeline)
 
     def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
         """Invert the resized PIL ``image`` with the source caption of the sample being edited and
@@ -177,21 +204,7 @@ class EditFriendlyDDPM(DiffusionMethod):
         return {"x0": x0, "edit": edit, "xts": xts, "zs": zs, "info": info}
 
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
-        import torch
-
-        start = self.begin_edit(sample, seed)
-        prep = time.perf_counter() - start.t0
-        target = str(sample.target_caption)
-        self._sample, self._run_info = sample, {}
-        try:
-            with torch.inference_mode():
-                out = self.call_pipeline(start.loaded.pipeline, start.image, target, start.generator)
-            run_info = self._run_info
-        finally:
-            self._sample, self._run_info = None, {}
-        info = self.edit_info(start, seed, prep, **run_info, prompt_field=self.prompt_field, prompt=target,
-                              source_caption=str(sample.source_caption))
-        return MethodOutput(image=from_pipeline_output(out.images, start.source_hw), info=info)
+        return self.edit_with_captions(sample, seed)
 
 
-__all__ = ["EditFriendlyDDPM", "require_epsilon_prediction"]
+__all__ = ["CaptionedInversionMethod", "EditFriendlyDDPM", "require_epsilon_prediction"]

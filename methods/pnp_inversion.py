@@ -61,8 +61,8 @@ from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
 from ._diffusion_common import (TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_choice, check_unit,
-                                empty_text_reason, from_pipeline_output)
-from .ef_ddpm import SD21_MODEL, require_epsilon_prediction
+                                empty_text_reason)
+from .ef_ddpm import SD21_MODEL, CaptionedInversionMethod
 from .prompt_to_prompt import (MAX_TOKENS, PromptToPrompt, _token_encoder, differing_words, norm_word, split_words,
                                word_positions)
 
@@ -153,7 +153,7 @@ class DirectInversionStep:
 
 
 @METHODS.register("pnp_inversion")
-class PnPInversion(DiffusionMethod):
+class PnPInversion(CaptionedInversionMethod):
     """DDIM inversion with direct (offset) correction of the source branch, then Prompt-to-Prompt."""
 
     version = "1"
@@ -187,22 +187,6 @@ class PnPInversion(DiffusionMethod):
             check_unit(owner, "blend_threshold", self.blend_threshold, high_open=True)
             check_unit(owner, "blend_start", self.blend_start)
             _check_number(owner, "reweight_value", self.reweight_value, 0.0)
-
-    @classmethod
-    def pipeline_class(cls) -> type:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-
-    def __init__(self, params: "PnPInversion.Params | None" = None):
-        super().__init__(params)
-        self._sample: Sample | None = None
-        self._run_info: dict[str, Any] = {}
-
-    def prepare(self) -> None:
-        super().prepare()
-        assert self._loaded is not None
-        require_epsilon_prediction(self.name, self.params.model, self._loaded.pipeline)
 
     def call_pipeline(self, pipe: Any, image: Any, prompt: str, generator: Any) -> Any:
         """Invert and edit the resized PIL ``image`` (captions and blend words from the sample being
@@ -303,27 +287,10 @@ class PnPInversion(DiffusionMethod):
         return {"edit": latents, "z0": z0, "trajectory": trajectory, "trace": step.trace, "info": info}
 
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
-        import torch
-
-        start = self.begin_edit(sample, seed)
-        prep = time.perf_counter() - start.t0
-        # Deterministic method (DDIM, eta 0): the seed is recorded, and seeds torch for safety.
-        torch.manual_seed(int(seed))
-        target = str(sample.target_caption)
-        self._sample, self._run_info = sample, {}
-        try:
-            with torch.inference_mode():
-                out = self.call_pipeline(start.loaded.pipeline, start.image, target, start.generator)
-            run_info = self._run_info
-        finally:
-            self._sample, self._run_info = None, {}
+        # deterministic (DDIM, eta 0): the seed is recorded
         p = self.params
-        info = self.edit_info(
-            start, seed, prep, cross_replace_steps=float(p.cross_replace_steps),
-            self_replace_steps=float(p.self_replace_steps), **run_info, prompt_field=self.prompt_field,
-            prompt=target, source_caption=str(sample.source_caption),
-        )
-        return MethodOutput(image=from_pipeline_output(out.images, start.source_hw), info=info)
+        return self.edit_with_captions(sample, seed, cross_replace_steps=float(p.cross_replace_steps),
+                                       self_replace_steps=float(p.self_replace_steps))
 
 
 __all__ = ["DirectInversionStep", "PnPInversion", "blend_words_for", "direct_inversion_offsets"]
