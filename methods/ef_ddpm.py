@@ -81,6 +81,11 @@ class CaptionedInversionMethod(DiffusionMethod):
     target caption (``call_pipeline`` reads the sample being edited from ``self._sample`` and
     leaves its own facts in ``self._run_info``)."""
 
+    requires = ("source", "source_caption", "target_caption")
+    tiny_kind = "sd15"
+    prompt_field = "target_caption"
+    text_fields = ("source_caption", "target_caption")
+
     @classmethod
     def pipeline_class(cls) -> type:
         from diffusers import StableDiffusionPipeline
@@ -123,10 +128,6 @@ class EditFriendlyDDPM(CaptionedInversionMethod):
     """Edit-friendly DDPM inversion with the source caption, then sampling with the target caption."""
 
     version = "1"
-    requires = ("source", "source_caption", "target_caption")
-    tiny_kind = "sd15"
-    prompt_field = "target_caption"
-    text_fields = ("source_caption", "target_caption")
 
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):

@@ -60,11 +60,10 @@ import numpy as np
 from harness.registry import METHODS
 from harness.types import MethodOutput, Sample
 
-from ._diffusion_common import (TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_choice, check_unit,
-                                empty_text_reason)
+from ._diffusion_common import TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_choice, check_unit
 from .ef_ddpm import SD21_MODEL, CaptionedInversionMethod
-from .prompt_to_prompt import (MAX_TOKENS, PromptToPrompt, _token_encoder, differing_words, norm_word, split_words,
-                               word_positions)
+from .prompt_to_prompt import (MAX_TOKENS, PromptToPrompt, _token_encoder, captions_reason, differing_words, norm_word,
+                               split_words, word_positions)
 
 INVERSIONS = ("direct", "ddim")
 BLEND_RULES = ("auto", "captions", "none")
@@ -157,10 +156,6 @@ class PnPInversion(CaptionedInversionMethod):
     """DDIM inversion with direct (offset) correction of the source branch, then Prompt-to-Prompt."""
 
     version = "1"
-    requires = ("source", "source_caption", "target_caption")
-    tiny_kind = "sd15"
-    prompt_field = "target_caption"
-    text_fields = ("source_caption", "target_caption")
 
     @dataclasses.dataclass(frozen=True)
     class Params(DiffusionMethod.Params):
@@ -202,18 +197,7 @@ class PnPInversion(CaptionedInversionMethod):
         return types.SimpleNamespace(images=u8[None].astype(np.float32) / 255.0)
 
     def check(self, sample: Sample) -> str | None:
-        blank = empty_text_reason(self.name, sample, ("source_caption", "target_caption"))
-        if blank:
-            return blank
-        if self.params.edit_kind == "replace":
-            ns, nt = len(split_words(sample.source_caption)), len(split_words(sample.target_caption))
-            if ns != nt:
-                return (
-                    f"method '{self.name}' with edit_kind 'replace' (word swap) needs captions with the same number "
-                    f"of words; sample '{sample.id}' has {ns} in source_caption and {nt} in target_caption "
-                    f"(use edit_kind 'refine' or 'auto')"
-                )
-        return None
+        return captions_reason(self.name, sample, self.params.edit_kind)
 
     # -- controller -----------------------------------------------------------------------
     def build_controller(self, tokenizer: Any, sample: Sample, latent_hw: tuple[int, int],

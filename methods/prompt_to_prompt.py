@@ -255,6 +255,23 @@ def _full_ids(tokenizer: Any, text: str, max_len: int) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # The method
 # --------------------------------------------------------------------------------------------
+def captions_reason(name: str, sample: Sample, edit_kind: str) -> str | None:
+    """Why ``sample`` cannot be edited with Prompt-to-Prompt by method ``name``: a blank caption,
+    or (``edit_kind`` ``replace``, a word swap) captions of different word counts; else None."""
+    blank = empty_text_reason(name, sample, ("source_caption", "target_caption"))
+    if blank:
+        return blank
+    if edit_kind == "replace":
+        ns, nt = len(split_words(sample.source_caption)), len(split_words(sample.target_caption))
+        if ns != nt:
+            return (
+                f"method '{name}' with edit_kind 'replace' (word swap) needs captions with the same number "
+                f"of words; sample '{sample.id}' has {ns} in source_caption and {nt} in target_caption "
+                f"(use edit_kind 'refine' or 'auto')"
+            )
+    return None
+
+
 @METHODS.register("prompt_to_prompt")
 class PromptToPrompt(DiffusionMethod):
     """Null-text (or DDIM) inversion of the source, then P2P attention control toward the target."""
@@ -352,18 +369,7 @@ class PromptToPrompt(DiffusionMethod):
         self._loaded = load_pipeline(cls, self.spec())
 
     def check(self, sample: Sample) -> str | None:
-        blank = empty_text_reason(self.name, sample, ("source_caption", "target_caption"))
-        if blank:
-            return blank
-        if self.params.edit_kind == "replace":
-            ns, nt = len(split_words(sample.source_caption)), len(split_words(sample.target_caption))
-            if ns != nt:
-                return (
-                    f"method '{self.name}' with edit_kind 'replace' (word swap) needs captions with the same number "
-                    f"of words; sample '{sample.id}' has {ns} in source_caption and {nt} in target_caption "
-                    f"(use edit_kind 'refine' or 'auto')"
-                )
-        return None
+        return captions_reason(self.name, sample, self.params.edit_kind)
 
     # -- controller -----------------------------------------------------------------------
     def build_controller(self, tokenizer: Any, source: str, target: str, latent_hw: tuple[int, int],
