@@ -252,7 +252,12 @@ def sample(sid: str = "s", meta: dict | None = None, **kw) -> Sample:
 
 def test_params_auto_values_and_refusals():
     real = PartEdit.Params()
-    assert (real.num_inference_steps, real.resolution, real.mask_size, real.dtype) == (50, 1024, 1024, "fp16")
+    # fp16 as the code where the edit runs on CUDA; fp32 elsewhere (fp16 is refused on the CPU)
+    import torch
+
+    assert (real.num_inference_steps, real.resolution, real.mask_size) == (50, 1024, 1024)
+    assert real.dtype == ("fp16" if torch.cuda.is_available() else "fp32")
+    assert PartEdit.Params(device="cpu").dtype == "fp32" and PartEdit.Params(device="cuda").dtype == "fp16"
     assert (real.scheduler, real.t_e, real.omega) == ("ddim", 50, 1.5)
     assert (real.guidance_scale, real.guidance_real) == (7.5, 12.5)
     t = tiny()

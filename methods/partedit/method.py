@@ -69,6 +69,14 @@ TINY_TOKEN_SEED = TINY_SEED
 TINY_TOKEN_LABEL = f"random part token ({RANDOM_WEIGHTS_LABEL})"
 
 
+def _code_dtype(params: Any) -> str:
+    """``dtype: auto`` with real weights: the code's fp16 where the edit runs on CUDA, else fp32
+    (fp16 is refused on the CPU; the resolved value is in the cache key and the edit's info)."""
+    from ..diffusion.loading import resolve_device
+
+    return "fp16" if resolve_device(str(params.device)) == "cuda" else "fp32"
+
+
 @METHODS.register("partedit")
 class PartEdit(DiffusionMethod):
     """PartEdit on SDXL (see the module docstring)."""
@@ -84,7 +92,8 @@ class PartEdit(DiffusionMethod):
         # -- weights (sec. 4.1 "pretrained SDXL"; model.py / default_pipeline) --
         model: str = SDXL_MODEL
         vae: str | None = FP16_VAE  # default_pipeline loads this VAE; None = the checkpoint's own VAE
-        dtype: Literal["fp32", "fp16", "bf16", "auto"] = auto_field("fp16", "fp32")  # the code runs fp16
+        # the code runs fp16 (on a GPU); with real weights on a CPU, where fp16 is refused, fp32
+        dtype: Literal["fp32", "fp16", "bf16", "auto"] = auto_field(_code_dtype, "fp32")
         # -- sampling (sec. 4.1; appendix K) --
         scheduler: Literal["ddim", "euler", "dpmsolver_sde"] = "ddim"  # paper 4.1: DDIM; demo: euler
         num_inference_steps: int | Literal["auto"] = auto_field(50, TINY_STEPS)  # T = 50 (sec. 4.1)
