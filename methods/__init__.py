@@ -27,3 +27,4 @@ from . import ef_ddpm  # noqa: F401
 from . import pnp_inversion  # noqa: F401
 from . import partedit_bench_results  # noqa: F401
 from . import infedit  # noqa: F401
+from . import fpe  # noqa: F401
