@@ -28,3 +28,4 @@ from . import pnp_inversion  # noqa: F401
 from . import partedit_bench_results  # noqa: F401
 from . import infedit  # noqa: F401
 from . import fpe  # noqa: F401
+from . import imagic  # noqa: F401

@@ -42,6 +42,7 @@ TINY_EXTRA = {
     "ledits_pp": {"use_intersect_mask": False},
     "ef_ddpm": {"skip": 1},
     "partedit": {"dtype": "fp32", "mask_size": 64},
+    "imagic": {"embedding_steps": 4, "finetune_steps": 4},
 }
 
 
