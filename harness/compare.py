@@ -233,6 +233,12 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
                 row["status"] = "ambiguous"
                 pts = "; ".join(f"{d} {format_params(p)}" for d, p in zip(hit["dataset"], hit["params"]))
                 row["why"] = f"{len(hit)} datasets / parameter points match ({pts}): give params in {mapping.path.name}"
+            elif int(hit.iloc[0]["n"]) == 0:
+                # scored, but no sample has a value (e.g. background LPIPS on a set without masks)
+                s = hit.iloc[0]
+                row.update(dataset=s["dataset"], params=format_params(s["params"], empty=""))
+                row["why"] = (f"the run's {km.metric}/{km.region} of {mm.method} has no value on any sample "
+                              f"({int(s.get('n_nan', 0) or 0)} NaN)")
             else:
                 s = hit.iloc[0]
                 f = km.factor

@@ -29,3 +29,4 @@ from . import partedit_bench_results  # noqa: F401
 from . import infedit  # noqa: F401
 from . import fpe  # noqa: F401
 from . import imagic  # noqa: F401
+from . import tedbench_results  # noqa: F401

@@ -273,3 +273,17 @@ def test_setting_restricts_a_method_mapping(setup):
     assert r[("Recolor", "L1")]["status"] == "not in this run"
     assert r[("Recolor", "L1")]["why"] == "method mapped for setting 'Other' only"
     assert r[("Bold <b>Method</b>", "L1")]["status"] == "compared"
+
+
+def test_a_cell_with_no_value_on_any_sample_is_not_compared(tmp_path):
+    """A metric scored as NaN on every sample (background LPIPS without masks) is a row the run
+    cannot compare, not a comparison with n = 0."""
+    run = tmp_path / "run"
+    write_job(run, "recolor", {"l1": np.full(N, np.nan), "clip_t": CLIP_T}, {"strength": 1.0})
+    write_job(run, "identity", {"l1": IDENT_L1})
+    res = compare(run, "synth/table1", root=write_paper(tmp_path / "paper"))
+    r = rows(res)
+    got = r[("Recolor", "L1")]
+    assert got["status"] == "not in this run" and got["n"] == 0
+    assert got["why"] == f"the run's l1/all of recolor has no value on any sample ({N} NaN)"
+    assert r[("Recolor", "CLIP-T")]["status"] == "compared"

@@ -249,7 +249,8 @@ def test_every_diffusion_adapter_edit_counts():
     names = [n for n in METHODS.names() if issubclass(METHODS.get(n), DiffusionMethod)]
     # no network of their own: classical references, and edits made elsewhere (a folder, the
     # PartEdit-Bench authors' published results)
-    classical = {"identity", "inpaint", "recolor", "paste", "move", "folder", "partedit_bench_results"}
+    classical = {"identity", "inpaint", "recolor", "paste", "move", "folder", "partedit_bench_results",
+                 "tedbench_results"}
     assert set(names) | counted_otherwise == {
         p.stem for p in (Path(methods.__file__).parent.parent / "conf" / "method").glob("*.yaml")} - classical
     for name in [*names, *sorted(counted_otherwise)]:

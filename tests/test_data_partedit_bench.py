@@ -345,10 +345,10 @@ def test_the_sample_set_has_part_edits_for_a_partedit_smoke_run():
     ds = GenericDataset(REPO / "datasets" / "sample")
     refs = ds.refs()
     parts = [r for r in refs if r.category == "part"]
-    assert [r.id for r in parts] == list(PART_SAMPLES) and len(refs) == 19
+    assert [r.id for r in parts] == list(PART_SAMPLES) and len(refs) == 20
     card_yaml = yaml.safe_load((REPO / "datasets" / "sample" / "card.yaml").read_text())
     assert card_yaml["extra_categories"] == ["part"] and card_yaml["categories"]["part"] == 3
-    assert sum(card_yaml["categories"].values()) == 19 and "19 text-guided editing samples" in card_yaml["description"]
+    assert sum(card_yaml["categories"].values()) == 20 and "20 text-guided editing samples" in card_yaml["description"]
     areas = {}
     for r in parts:
         s = ds.load(r)

@@ -718,6 +718,16 @@ def build(preview: Path | None = None) -> None:
              meta=meta("astronaut", subject="woman", edit="knight", token_cls="human_torso_custom",
                        mask="suit torso between the arms: hand polygon minus the helmet ellipse and, above "
                             "y = 300, every non-orange pixel (the neck ring)")),
+        # A view change (CPAM's pose / view edit type): the shuttle model's hand-made mask, the same
+        # object as astronaut_shuttle_to_plant, kept but seen from another side. Last in the list, so
+        # every earlier sample (and dataset.limit=N) is unchanged.
+        dict(id="astronaut_shuttle_side_view", img="astronaut", mask=shuttle_mask(images["astronaut"]),
+             instruction="Show the space shuttle model from the side",
+             source_caption="an astronaut in an orange spacesuit next to a space shuttle model",
+             target_caption="an astronaut in an orange spacesuit next to a space shuttle model seen from the side",
+             category="change_pose",
+             meta=meta("astronaut", object_prompt="space shuttle model",
+                       mask="shuttle model and stand: GrabCut from a hand polygon (as astronaut_shuttle_to_plant)")),
     ]
 
     # 3. Write masks and the manifest (keys in the generic format's order, absent keys omitted).

@@ -17,6 +17,7 @@ from . import generic  # noqa: E402,F401  (registers "generic")
 from . import pie_bench, magicbrush  # noqa: E402,F401  (register "pie_bench", "magicbrush")
 from . import zone  # noqa: E402,F401  (registers "zone": ZONE's test set, converted)
 from . import partedit_bench  # noqa: E402,F401  (registers "partedit_bench": PartEdit-Bench's parquet files)
+from . import tedbench, imba  # noqa: E402,F401  (register "tedbench" (TEdBench's parquet) and "imba" (IMBA-format folders))
 from .generic import GenericDataset, SampleRef
 
 from ..paths import RESOURCE_ROOT
