@@ -30,3 +30,4 @@ from . import infedit  # noqa: F401
 from . import fpe  # noqa: F401
 from . import imagic  # noqa: F401
 from . import tedbench_results  # noqa: F401
+from . import cpam  # noqa: F401  (a package: methods/cpam/)

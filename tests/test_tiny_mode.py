@@ -43,6 +43,7 @@ TINY_EXTRA = {
     "ef_ddpm": {"skip": 1},
     "partedit": {"dtype": "fp32", "mask_size": 64},
     "imagic": {"embedding_steps": 4, "finetune_steps": 4},
+    "cpam": {"start_step": 1, "start_layer": 3, "null_inner_steps": 2},
 }
 
 
@@ -58,11 +59,11 @@ def compose_method(name: str, *overrides: str) -> dict:
 
 
 def test_every_diffusion_config_is_covered():
-    # the 21 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE,
-    # PartEdit and its real-image baselines
-    assert len(DIFFUSION_CONFIGS) == 21 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
+    # the 24 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE,
+    # PartEdit and its real-image baselines, CPAM, FPE and Imagic
+    assert len(DIFFUSION_CONFIGS) == 24 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
                                               "blended_latent_diffusion_sdxl", "zone", "partedit", "ef_ddpm",
-                                              "pnp_inversion", "infedit"} <= set(DIFFUSION_CONFIGS)
+                                              "pnp_inversion", "infedit", "cpam", "fpe", "imagic"} <= set(DIFFUSION_CONFIGS)
 
 
 # -- the tiny VAE is shaped like SD's: spatial factor 8 -----------------------------------------
