@@ -155,7 +155,10 @@ def test_run_help_prints_ours_and_starts_nothing(tmp_path):
     text = out.stdout
     assert text.startswith("usage: edit-harness run [-m]")
     assert "A job is one method with one parameter point on one dataset" in " ".join(text.split())
-    for line in ("  dataset:    magicbrush, partedit_bench, pie_bench, sample, zone", "  inpaint:", "examples:",
+    from harness.cli import CONF_DIR
+
+    datasets = ", ".join(sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml")))
+    for line in (f"  dataset:    {datasets}", "  inpaint:", "examples:",
                  "  edit-harness run -m method=recolor method.strength=0,0.5,1", "--hydra-help"):
         assert line in text, line
     assert not list(tmp_path.iterdir())  # no results/ folder: nothing ran

@@ -167,11 +167,13 @@ def test_a_tedbench_run_compares_clipscore_and_names_the_dataset(tmp_path):
         assert r["ours_mean"] == pytest.approx(levels[m], abs=1e-9)
         assert r["delta"] == pytest.approx(levels[m] - r["published"], abs=1e-9)
         lp = f.loc[(name, "LPIPS (background)")]
-        # no mask on TEdBench: no background LPIPS value (NaN rows, n = 0), so no interval to hold it
-        assert lp["method"] == m and lp["n"] == 0 and math.isnan(lp["ours_mean"]) and lp["in_ci"] == "n/a"
+        # no mask on TEdBench: no background LPIPS value (NaN rows, n = 0): not compared, and why
+        assert lp["method"] == m and lp["n"] == 0 and math.isnan(lp["ours_mean"])
+        assert lp["status"] == "not in this run" and "has no value on any sample" in lp["why"]
     caption = "\n".join(res.caption)
     assert "dataset: IMBA (built on TEdBench), 104 samples" in caption
-    assert "Ours: protocol cpam; weights: synthetic weights; dataset: tedbench; samples per value (n): 0, 20" in caption
+    assert "Ours: protocol cpam; weights: synthetic weights; dataset: tedbench; samples per value (n): 20" in caption
+    assert "Compared: 9 of 18 published numbers" in caption  # the 9 LPIPS rows have no value
     assert res.unmapped_methods == [] and res.unmapped_metrics == []
 
 
