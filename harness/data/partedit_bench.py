@@ -226,8 +226,34 @@ def _text_problem(v: Any, required: bool) -> str | None:
     return None
 
 
+class ParquetRows:
+    """What a loader of rows stored in parquet files shares (PartEdit-Bench, TEdBench): its
+    ``_read()`` returns the refs and fills ``self._rows`` (id -> row); the images live inside the
+    parquet, so their bytes are in each ref's fingerprint and no input file is named."""
+
+    _rows: dict[str, Any] | None
+
+    def refs(self) -> list[SampleRef]:
+        """The rows after ids, shard and limit (no image decoded); bad rows carry ``error``."""
+        return select_refs(self._read(), self.name, self.ids, self.shard, self.limit)
+
+    def input_files(self, ref: SampleRef) -> dict[str, Path]:
+        return {}
+
+    def row(self, ref: SampleRef, where: str) -> Any:
+        """The stored row of ``ref`` (read again if needed); its own error, or one naming the id."""
+        if ref.error is not None:
+            raise ref.error
+        if self._rows is None or ref.id not in self._rows:
+            self._read()
+        row = self._rows.get(ref.id)
+        if row is None:
+            raise SampleError(ref.id, "id", f"no row with this id in {where}")
+        return row
+
+
 @DATASET_FORMATS.register("partedit_bench")
-class PartEditBenchDataset(DatasetLoader):
+class PartEditBenchDataset(ParquetRows, DatasetLoader):
     """Loader for a local copy of PartEdit-Bench (one split per loader); see the module doc."""
 
     def __init__(
@@ -317,25 +343,11 @@ class PartEditBenchDataset(DatasetLoader):
             record["id"] = record["id"].decode("utf-8", "replace")
         return SampleRef(sid, record, _fingerprint(json.loads(json.dumps(record, default=str))), CATEGORY, problem)
 
-    def refs(self) -> list[SampleRef]:
-        """The split's rows after ids, shard and limit (no image decoded); bad rows carry ``error``."""
-        return select_refs(self._read(), self.name, self.ids, self.shard, self.limit)
-
-    def input_files(self, ref: SampleRef) -> dict[str, Path]:
-        # the images live inside the parquet: their bytes are in the ref's fingerprint already
-        return {}
-
     # -- decoding -------------------------------------------------------------------------
     def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
         """Decode one row; raises SampleError naming the sample and the column at fault."""
-        if ref.error is not None:
-            raise ref.error
         opts = decode_options(decode)
-        if self._rows is None or ref.id not in self._rows:
-            self._read()
-        row = self._rows.get(ref.id)
-        if row is None:
-            raise SampleError(ref.id, "id", f"no row with this id in split '{self.split}'")
+        row = self.row(ref, f"split '{self.split}'")
         sid, rec = ref.id, ref.record
         notes: list[str] = []
         differs: dict[str, list[str]] = {}

@@ -53,8 +53,8 @@ from typing import Any, Mapping
 from ..images import DECODE_DIFFERS, check_max_pixels, decode_options
 from ..registry import DATASET_FORMATS
 from ..types import DatasetError, Sample, SampleError
-from .generic import DatasetLoader, SampleRef, _fingerprint, select_refs, subset_params
-from .partedit_bench import decode_image, image_struct_bytes, split_files
+from .generic import DatasetLoader, SampleRef, _fingerprint, subset_params
+from .partedit_bench import ParquetRows, decode_image, image_struct_bytes, split_files
 
 #: TEdBench's one split.
 SPLIT = "val"
@@ -107,7 +107,7 @@ def read_rows(root: Path, columns: tuple[str, ...], data_files: str | None = Non
 
 
 @DATASET_FORMATS.register("tedbench")
-class TEdBenchDataset(DatasetLoader):
+class TEdBenchDataset(ParquetRows, DatasetLoader):
     """Loader for a local copy of TEdBench; see the module doc."""
 
     has_categories = False  # TEdBench labels no edit type: an uncategorised sample is no warning
@@ -174,24 +174,10 @@ class TEdBenchDataset(DatasetLoader):
             refs.append(SampleRef(sid, record, _fingerprint(record), None, problem))
         return refs
 
-    def refs(self) -> list[SampleRef]:
-        """The rows after ids, shard and limit (no image decoded); bad rows carry ``error``."""
-        return select_refs(self._read(), self.name, self.ids, self.shard, self.limit)
-
-    def input_files(self, ref: SampleRef) -> dict[str, Path]:
-        # the images live inside the parquet: their bytes are in the ref's fingerprint already
-        return {}
-
     def load(self, ref: SampleRef, decode: Mapping[str, Any] | None = None) -> Sample:
         """Decode one row; raises SampleError naming the sample and the column at fault."""
-        if ref.error is not None:
-            raise ref.error
         opts = decode_options(decode)
-        if self._rows is None or ref.id not in self._rows:
-            self._read()
-        row = self._rows.get(ref.id)
-        if row is None:
-            raise SampleError(ref.id, "id", "no row with this id in the copy")
+        row = self.row(ref, "the copy")
         notes: list[str] = []
         differs: dict[str, list[str]] = {}
         data, shown = image_struct_bytes(row.get(self.image_column), self.root, ref.id, self.image_column,
