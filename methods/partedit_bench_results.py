@@ -17,27 +17,23 @@ the benchmark image's size).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from harness.data import resolve_root
-from harness.data.partedit_bench import SPLITS, decode_image, image_struct_bytes, read_split, sample_id, split_files
-from harness.images import DEFAULT_MAX_PIXELS
-from harness.method import Method
+from harness.data.partedit_bench import SPLITS, read_split, sample_id, split_files
 from harness.registry import METHODS
-from harness.types import MethodOutput, Sample, SampleError, SkipSample
+from harness.types import MethodOutput, Sample, SampleError
+
+from ._published import PublishedResults
 
 #: The parquet column holding the authors' edit.
 RESULT_COLUMN = "partedit"
 
 
 @METHODS.register("partedit_bench_results")
-class PartEditBenchResults(Method):
+class PartEditBenchResults(PublishedResults):
     version = "1"
-    requires = ("source",)
-    numeric_libraries = ()  # decoding only (numpy, pillow: the input libraries every key holds)
-    location_params = ("path",)  # where the copy is on this machine; its content is the revision
+    copy_name = "PartEdit-Bench"
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -47,14 +43,6 @@ class PartEditBenchResults(Method):
         def __post_init__(self):
             if not self.path:
                 raise ValueError("parameter 'path' (the PartEdit-Bench copy: its folder or a .parquet file) is required")
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.root = resolve_root(self.params.path)
-        self._cells: dict[str, Any] | None = None
-
-    def label(self) -> str:
-        return self.params.label or self.name
 
     def _files(self) -> list[Path]:
         """The parquet files of both splits (a split with no file is left out: a one-split copy
@@ -97,25 +85,9 @@ class PartEditBenchResults(Method):
             self._cells = cells
         return self._cells
 
-    def model_revision(self) -> str:
-        h = hashlib.sha256()
-        for p in self._files():
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return h.hexdigest()[:16]
-
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
-        cells = self._index()
-        if sample.id not in cells:
-            # the copy's name, not its path: reasons read the same on every machine
-            raise SkipSample(f"PartEdit-Bench copy '{self.root.name}' has no row for sample '{sample.id}'")
-        cell = cells[sample.id]
-        if cell is None:
-            raise SkipSample(f"PartEdit-Bench row of sample '{sample.id}' has no '{RESULT_COLUMN}' image")
         notes: list[str] = []
-        base = self.root if self.root.is_dir() else self.root.parent
-        data, shown = image_struct_bytes(cell, self.root, sample.id, RESULT_COLUMN, base.resolve())
-        image = decode_image(data, sample.id, RESULT_COLUMN, shown, notes, max_pixels=DEFAULT_MAX_PIXELS)
+        image = self.published_image(sample, RESULT_COLUMN, notes)
         if image.shape[:2] != sample.source.shape[:2]:
             raise SampleError(sample.id, RESULT_COLUMN,
                               f"the authors' edit is {image.shape[1]}x{image.shape[0]} (WxH) but the source is "

@@ -22,27 +22,23 @@ another size to the source's with Pillow's Lanczos filter and notes it in the ed
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from harness.data import resolve_root
-from harness.data.partedit_bench import decode_image, image_struct_bytes
 from harness.data.tedbench import RESULT_COLUMN, find_files, read_rows, sample_id
-from harness.images import DEFAULT_MAX_PIXELS
-from harness.method import Method
 from harness.registry import METHODS
-from harness.types import MethodOutput, Sample, SampleError, SkipSample
+from harness.types import MethodOutput, Sample, SampleError
+
+from ._published import PublishedResults
 
 
 @METHODS.register("tedbench_results")
-class TEdBenchResults(Method):
+class TEdBenchResults(PublishedResults):
     version = "1"
-    requires = ("source",)
-    numeric_libraries = ()  # decoding and a Pillow resize only (numpy, pillow: in every key)
-    location_params = ("path",)  # where the copy is on this machine; its content is the revision
+    copy_name = "TEdBench"
 
     @dataclasses.dataclass(frozen=True)
     class Params:
@@ -57,14 +53,6 @@ class TEdBenchResults(Method):
             if not self.result_column:
                 raise ValueError("parameter 'result_column' (the column holding Imagic's results) is required")
 
-    def __init__(self, params=None):
-        super().__init__(params)
-        self.root = resolve_root(self.params.path)
-        self._cells: dict[str, Any] | None = None
-
-    def label(self) -> str:
-        return self.params.label or self.name
-
     def _index(self) -> dict[str, Any]:
         """Sample id -> the row's result cell (only that column is read)."""
         if self._cells is None:
@@ -72,26 +60,13 @@ class TEdBenchResults(Method):
             self._cells = {sample_id(i): row.get(self.params.result_column) for i, row in enumerate(rows)}
         return self._cells
 
-    def model_revision(self) -> str:
-        h = hashlib.sha256()
-        for p in find_files(self.root):
-            st = p.stat()
-            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
-        return h.hexdigest()[:16]
+    def _files(self) -> list[Path]:
+        return find_files(self.root)
 
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
-        cells = self._index()
         col = self.params.result_column
-        if sample.id not in cells:
-            # the copy's name, not its path: reasons read the same on every machine
-            raise SkipSample(f"TEdBench copy '{self.root.name}' has no row for sample '{sample.id}'")
-        cell = cells[sample.id]
-        if cell is None:
-            raise SkipSample(f"TEdBench row of sample '{sample.id}' has no '{col}' image")
         notes: list[str] = []
-        base = self.root if self.root.is_dir() else self.root.parent
-        data, shown = image_struct_bytes(cell, self.root, sample.id, col, base.resolve())
-        image = decode_image(data, sample.id, col, shown, notes, max_pixels=DEFAULT_MAX_PIXELS)
+        image = self.published_image(sample, col, notes)
         info: dict[str, Any] = {"column": col}
         h, w = sample.source.shape[:2]
         if image.shape[:2] != (h, w):
