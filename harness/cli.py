@@ -12,6 +12,7 @@
                                           (NAME: a protocol, an experiment, or method=METHOD)
   edit-harness list                       methods, datasets, metrics, protocols, experiments
   edit-harness train-part-token ...       optimise a PartEdit part token from images and part masks
+  edit-harness study create|serve|results ...  human-evaluation studies (SR, UPR, MOS, 2AFC) over a run's edits
 
 `edit-harness COMMAND --help` (or `edit-harness help COMMAND`) describes each command.
 """
@@ -1136,9 +1137,16 @@ def _cmd_train_part_token(argv: Sequence[str]) -> int:
     return int(train_main(list(argv), prog="edit-harness train-part-token") or 0)
 
 
+def _cmd_study(argv: Sequence[str]) -> int:
+    """Human-evaluation studies: create, serve, results (harness/study/cli.py has the arguments)."""
+    from harness.study.cli import main as study_main
+
+    return int(study_main(list(argv), prog="edit-harness study") or 0)
+
+
 COMMANDS = {"report": _cmd_report, "score": _cmd_score, "validate": _cmd_validate, "weights": _cmd_weights,
             "list": _cmd_list, "gate": _cmd_gate, "figures": _cmd_figures, "compare": _cmd_compare,
-            "train-part-token": _cmd_train_part_token}
+            "train-part-token": _cmd_train_part_token, "study": _cmd_study}
 
 
 def _run(rest: list[str]) -> int:
