@@ -421,8 +421,9 @@ def test_paper_tables_are_not_git_ignored():
     if git is None or not (root / ".git").exists():
         pytest.skip("not a git checkout")
     files = [str(p.relative_to(root)) for p in sorted(paper.PAPER_DIR.rglob("*")) if p.is_file()]
-    # a CSV and a YAML per table, the README, and the declared mappings of `compare` (harness/compare.py)
-    mappings = [f for f in files if f.endswith(".compare.yaml")]
+    # a CSV and a YAML per table, the README, the declared mappings of `compare` (harness/compare.py)
+    # and of the human-evaluation studies (harness/study/results.py)
+    mappings = [f for f in files if f.endswith((".compare.yaml", ".study.yaml"))]
     assert len(mappings) >= 3 and len(files) == 2 * len(ALL) + 1 + len(mappings)
     out = subprocess.run([git, "-C", str(root), "check-ignore", *files], capture_output=True, text=True)
     assert out.returncode == 1 and out.stdout == ""  # 1: none of them is ignored
