@@ -31,3 +31,5 @@ from . import fpe  # noqa: F401
 from . import imagic  # noqa: F401
 from . import tedbench_results  # noqa: F401
 from . import cpam  # noqa: F401  (a package: methods/cpam/)
+from . import dragdiffusion  # noqa: F401  (a package: methods/dragdiffusion/)
+from . import self_guidance  # noqa: F401
