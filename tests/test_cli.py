@@ -183,7 +183,7 @@ def test_score_a_folder_of_outside_edits(tmp_path):
 
 def test_validate_command(builder, capsys):
     assert main(["validate", "sample"]) == 0
-    assert "20 samples, 0 error(s), 0 warning(s)" in capsys.readouterr().out
+    assert "22 samples, 0 error(s), 0 warning(s)" in capsys.readouterr().out
     builder.add_simple("ok")
     builder.add(id="bad", source="images/none.png", category="remove")
     assert main(["validate", str(builder.root)]) == 1

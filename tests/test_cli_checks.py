@@ -29,7 +29,7 @@ def _cli(args, tmp_path):
                        "has: extra_categories, format, ids, limit, manifest, mask_rule, mask_threshold, max_pixels, "
                        "name, root, shard, version"),
     ("dataset.ids=[coffee_remove_spon]", "edit-harness: dataset 'sample' has no sample 'coffee_remove_spon' "
-                                          "(did you mean 'coffee_remove_spoon'?); its 20 sample ids: "
+                                          "(did you mean 'coffee_remove_spoon'?); its 22 sample ids: "
                                           + ", ".join(SAMPLE_IDS)),
 ])
 def test_dataset_errors_are_one_line_listing_what_exists(override, expected, tmp_path):
@@ -78,7 +78,7 @@ def test_other_bad_keys_and_values_fail_before_hydra(args, message, tmp_path, ca
      "edit-harness: job 2 of 2 (method=sdedit): method 'sdedit': "),
     # a dataset value in the second job
     (["method=identity", "dataset.ids=[coffee_cup_blue],[nosuch]"],
-     "edit-harness: job 2 of 2 (dataset.ids=[nosuch]): dataset 'sample' has no sample 'nosuch'; its 20 sample ids: "),
+     "edit-harness: job 2 of 2 (dataset.ids=[nosuch]): dataset 'sample' has no sample 'nosuch'; its 22 sample ids: "),
     # an experiment's own sweep (5 strengths) with a bad value for all of them
     (["experiment=recolor_strength", "method.space=bogus"],
      "edit-harness: job 1 of 5 (method.strength=0.0) and 4 more: method 'recolor': parameter 'space' must be one of "

@@ -44,6 +44,7 @@ TINY_EXTRA = {
     "partedit": {"dtype": "fp32", "mask_size": 64},
     "imagic": {"embedding_steps": 4, "finetune_steps": 4},
     "cpam": {"start_step": 1, "start_layer": 3, "null_inner_steps": 2},
+    "dragdiffusion": {"lora_steps": 2, "lora_batch_size": 2, "n_pix_step": 2, "start_layer": 3},
 }
 
 

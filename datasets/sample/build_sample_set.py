@@ -453,6 +453,27 @@ def glasses_mask(img):
     return dilate(left | right | bridge | temples, 3)
 
 
+def rocket_stretch_mask(img, lift):
+    """Editable region of the rocket drag: the rocket above the interstage (y < 260) and the sky the
+    nose moves into (a column from the nose up by ``lift`` px), dilated 12 px. Nothing below y = 272 is
+    editable, so the lower rocket, the towers and the launch pad stay."""
+    top = rocket_mask(img) & (np.arange(SIZE)[:, None] < 260)
+    column = poly([(246, 151 - lift), (274, 151 - lift), (274, 260), (246, 260)])
+    return dilate(top | column, 12)
+
+
+def jacket_mask(img):
+    """Grace Hopper's navy uniform jacket (the reference object of the appearance sample): dark pixels
+    (HSV value < 70) inside a hand polygon along the jacket's outline below the collar, which leaves out
+    the white shirt, the name tag and the ribbons; opened, closed, the two largest parts (left and right
+    of the shirt; the black tie joins them or not) kept and their holes up to 400 px filled."""
+    region = poly([(22, 511), (28, 430), (45, 385), (80, 360), (140, 340), (190, 318), (240, 345), (290, 345),
+                   (328, 318), (380, 340), (440, 360), (480, 385), (500, 430), (511, 460), (511, 511)])
+    dark = hsv(img)[..., 2] < 70
+    m = largest(close(open_(region & dark, 2), 3), 2)
+    return clean(m, 200, 400)
+
+
 # Part masks (PartEdit's part edits: a part of an object, not the object). The part follows the
 # annotation of the datasets PartEdit's tokens were trained on (PASCAL-Part, PartImageNet): hair
 # alone; the head as the face with the hair below the headwear; the torso as the suit from the
@@ -575,6 +596,14 @@ def build(preview: Path | None = None) -> None:
     moved = np.zeros_like(rocket)
     moved[:, : SIZE + shift] = rocket[:, -shift:]
 
+    # Rocket drag: the nose tip (the top row of the rocket's mask, its middle column) dragged up.
+    ys, xs = np.nonzero(rocket)
+    top_row = ys.min()
+    nose = [int(round(xs[ys == top_row].mean())), int(top_row)]
+    lift = 48
+    jacket = jacket_mask(images["grace_hopper"])
+    jacket_note = "dark pixels of the jacket inside a hand polygon below the collar, cleaned"
+
     def meta(img, **kw):
         return {"image_source": SOURCES[img]["package_source"], **kw}
 
@@ -614,7 +643,7 @@ def build(preview: Path | None = None) -> None:
              source_caption="a white rocket on the launch pad in the middle between two launch towers",
              target_caption="a white rocket on the launch pad to the left, between two launch towers",
              category="move", source_points=[r_src], target_points=[r_dst], point_layout="drag",
-             meta=meta("rocket", mask="rocket (hand polygon) and its copy 80 px to the left",
+             meta=meta("rocket", object_prompt="rocket", mask="rocket (hand polygon) and its copy 80 px to the left",
                        transformation="the centre of the rocket's mask moved 80 px left, same height")),
         dict(id="china_roof_golden", img="china", mask=roof_mask(images["china"]),
              instruction="Make the temple roofs golden",
@@ -728,6 +757,28 @@ def build(preview: Path | None = None) -> None:
              category="change_pose",
              meta=meta("astronaut", object_prompt="space shuttle model",
                        mask="shuttle model and stand: GrabCut from a hand polygon (as astronaut_shuttle_to_plant)")),
+        # DiffEditor / DragonDiffusion tasks (issue 16), after every earlier sample so that
+        # dataset.limit=N keeps its meaning. A generic point drag: the rocket's nose dragged up,
+        # one handle point and its target, and the region the drag may change.
+        dict(id="rocket_drag_taller", img="rocket", mask=rocket_stretch_mask(images["rocket"], lift),
+             instruction="Drag the rocket's nose upwards to make the rocket taller",
+             source_caption="a white rocket on the launch pad between two launch towers under an evening sky",
+             target_caption="a taller white rocket on the launch pad between two launch towers under an evening sky",
+             category="drag", source_points=[nose], target_points=[[nose[0], nose[1] - lift]], point_layout="drag",
+             meta=meta("rocket", transformation=f"handle: the top of the rocket's mask (nose tip), dragged {lift} px "
+                                                "straight up",
+                       mask="rocket above y = 260 and the column the nose moves into, dilated 12 px")),
+        # Appearance replacing: the astronaut's suit torso takes the look of Grace Hopper's navy
+        # jacket (the reference image is the stored grace_hopper.png, its jacket the reference mask).
+        dict(id="astronaut_suit_navy", img="astronaut", mask=torso_mask(images["astronaut"]),
+             instruction="Give her suit the appearance of the navy uniform jacket in the reference image",
+             source_caption="a smiling woman in an orange spacesuit in front of a flag",
+             target_caption="a smiling woman in a dark navy uniform jacket in front of a flag",
+             category="appearance", reference="images/grace_hopper.png",
+             reference_mask="masks/grace_hopper_jacket_ref.png",
+             meta=meta("astronaut", object_prompt="spacesuit", reference_source=SOURCES["grace_hopper"]["package_source"],
+                       reference_object="navy uniform jacket (masks/grace_hopper_jacket_ref.png: " + jacket_note + ")",
+                       mask="suit torso between the arms (as astronaut_torso_armor)")),
     ]
 
     # 3. Write masks and the manifest (keys in the generic format's order, absent keys omitted).
@@ -735,6 +786,7 @@ def build(preview: Path | None = None) -> None:
              "part", "turn", "session", "source_points", "target_points", "point_layout", "reference",
              "reference_mask", "meta"]
     save_mask(ROOT / "masks" / "dahlia_ref.png", ref_mask)
+    save_mask(ROOT / "masks" / "grace_hopper_jacket_ref.png", jacket)
     lines = []
     for s in samples:
         save_mask(ROOT / "masks" / f"{s['id']}.png", s["mask"])
@@ -799,9 +851,10 @@ def write_card(samples, originals) -> None:
         "description": (
             "Embedded real-photo sample set of edit-harness: %d text-guided editing samples on %d photographs "
             "that ship inside scikit-image, scikit-learn and matplotlib, cropped to 512x512, with hand-made edit "
-            "masks, dlib landmarks for face drags, a drag pair for a move, a reference object for a paste, and "
-            "part masks for part edits (category part, declared in extra_categories). No ground-truth "
-            "targets." % (len(samples), len(SOURCES))
+            "masks, dlib landmarks for face drags, a drag pair for a move, a point drag (category drag), a "
+            "reference object for a paste, a reference object for an appearance replacement (category "
+            "appearance), and part masks for part edits (category part); drag, appearance and part are declared "
+            "in extra_categories. No ground-truth targets." % (len(samples), len(SOURCES))
         ),
         "license": {
             "summary": (
@@ -816,7 +869,8 @@ def write_card(samples, originals) -> None:
         "how_to_rebuild": "python datasets/sample/build_sample_set.py",
         "built_with": versions,
         "categories": dict(sorted(cats.items())),
-        # Part edits (PartEdit) are none of harness.types.CATEGORIES: declared for the generic loader.
+        # Part edits (PartEdit), point drags and appearance replacements (DiffEditor) are none of
+        # harness.types.CATEGORIES: declared for the generic loader.
         "extra_categories": sorted(c for c in cats if c not in HARNESS_CATEGORIES),
         "images": imgs,
         "masks": (
@@ -828,7 +882,10 @@ def write_card(samples, originals) -> None:
             "plausible region for the new object. move: the object's mask united with its copy at the "
             "destination. paste: the reference object's silhouette scaled and placed on the source. face_drag: "
             "convex hull of the 68 source and 68 target landmarks, dilated 15 px. part: the part alone (hair; "
-            "the head below the headwear; the torso between the arms), as PASCAL-Part annotates it."
+            "the head below the headwear; the torso between the arms), as PASCAL-Part annotates it. drag: the "
+            "region the drag may change (the rocket above its interstage and the sky its nose moves into). "
+            "appearance: the object whose look is replaced (the suit torso); its reference_mask "
+            "(masks/grace_hopper_jacket_ref.png) is the reference object on the reference image."
         ),
         "landmarks": (
             "face_drag source_points are the 68 points of dlib.shape_predictor with "
@@ -839,7 +896,9 @@ def write_card(samples, originals) -> None:
             "wider smile (48/54 out 6 px and up 5 px; 49, 53, 55, 59, 60, 64 half of that); grace_hopper, all "
             "points translated by (+12, 0). The predictor file's training data (iBUG 300-W) has its own terms; "
             "only its output points are stored here. The move sample has one drag pair: the centre of the object's mask "
-            "and that point 80 px to the left."
+            "and that point 80 px to the left. The drag sample (rocket_drag_taller) has one handle point, the "
+            "top of the rocket's mask (the nose tip: the middle of its top row), and its target 48 px straight "
+            "up."
         ),
     }
     text = "# Generated by build_sample_set.py; do not edit by hand.\n" + yaml.safe_dump(
