@@ -8,11 +8,15 @@ region) and ONE declared mapping per table, ``results/paper/<paper>/<table>.comp
     table: zone/table1
     methods:                      # paper method -> harness method (+ parameter values to select)
       DiffEdit: {method: diffedit}
-      Recolor 1.0: {method: recolor, params: {strength: 1.0}, setting: ""}   # setting: only those rows
+      Recolor 1.0: {method: recolor, params: {strength: 1.0}, setting: ""}   # setting (or a list): only those rows
       ZONE (Ours): {unmapped: "ZONE is not implemented in the harness"}
     metrics:                      # paper metric -> harness (metric, region) and the scale factor
       L1: {metric: l1, region: all, factor: 1}   # our value x factor = the paper's scale
       Ours Pref. (%): {unmapped: "user study"}
+      Inference time: {metric: cost_infer_s}   # a runner cost column (seconds per edit), as the report's
+    settings:                     # optional: what a paper setting (sub-column) selects in the run
+      Pasting: {category: paste}          # only the scores of samples of that category (or a list)
+      17 points: {region: 17pt}           # this setting's rows read that region of every metric
 
 Nothing is guessed: a paper method or metric the mapping does not name, or names as
 ``unmapped``, is listed as such, and its rows read "not in this run". One output row per published
@@ -34,7 +38,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from .aggregate import format_params, load_run, parse_params, summarize
+from .aggregate import COST_METRICS, cost_rows, format_params, load_run, parse_params, summarize
 from .paper import PaperTableError, load_meta, load_table, table_path
 from .report import _md_caption, _write_text, fmt, md_escape, tex_escape, write_frame_csv
 
@@ -58,7 +62,7 @@ class CompareError(Exception):
 class MethodMap:
     method: str
     params: dict[str, Any]
-    setting: str | None  # None: rows of every setting
+    setting: tuple[str, ...] | None  # None: rows of every setting; else only these settings' rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,12 @@ class MetricMap:
     metric: str
     region: str
     factor: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingMap:
+    categories: tuple[str, ...] | None  # None: every sample
+    region: str | None  # None: each metric's own region
 
 
 @dataclasses.dataclass
@@ -77,6 +87,7 @@ class TableMapping:
     metrics: dict[str, MetricMap]
     unmapped_methods: dict[str, str]
     unmapped_metrics: dict[str, str]
+    settings: dict[str, SettingMap] = dataclasses.field(default_factory=dict)
 
 
 def mapping_path(name: str, root: Path | None = None) -> Path:
@@ -110,10 +121,25 @@ def load_mapping(name: str, root: Path | None = None) -> TableMapping:
         raise CompareError(f"{path}: not a mapping")
     if raw.get("table") != name:
         raise CompareError(f"{path}: table {raw.get('table')!r} != {name!r}")
-    extra = sorted(set(raw) - {"table", "methods", "metrics"})
+    extra = sorted(set(raw) - {"table", "methods", "metrics", "settings"})
     if extra:
-        raise CompareError(f"{path}: unknown key(s) {', '.join(map(str, extra))}; allowed: table, methods, metrics")
+        raise CompareError(f"{path}: unknown key(s) {', '.join(map(str, extra))}; "
+                           "allowed: table, methods, metrics, settings")
     m = TableMapping(path, {}, {}, {}, {})
+    for key, value in (raw.get("settings") or {}).items():
+        where = f"{path}: setting {key!r}"
+        if not isinstance(value, dict) or not value or set(value) - {"category", "region"}:
+            raise CompareError(f"{where}: expected a mapping with category and/or region, got {value!r}")
+        cats = value.get("category")
+        if cats is not None:
+            cats = (cats,) if isinstance(cats, str) else tuple(cats) if isinstance(cats, list) else None
+            if not cats or not all(isinstance(c, str) and c for c in cats):
+                raise CompareError(f"{where}: category must be a category name or a list of them, got "
+                                   f"{value.get('category')!r}")
+        region = value.get("region")
+        if region is not None and (not isinstance(region, str) or not region):
+            raise CompareError(f"{where}: region must be a harness region name, got {region!r}")
+        m.settings[str(key)] = SettingMap(cats, region)
     for key, value in (raw.get("methods") or {}).items():
         v = _entry("method", key, value, path, ("method", "params", "setting"))
         if "unmapped" in v:
@@ -125,7 +151,11 @@ def load_mapping(name: str, root: Path | None = None) -> TableMapping:
         if not isinstance(params, dict):
             raise CompareError(f"{path}: method {key!r}: params must be a mapping, got {params!r}")
         setting = v.get("setting")
-        m.methods[key] = MethodMap(v["method"], parse_params_dict(params), None if setting is None else str(setting))
+        if isinstance(setting, list):
+            setting = tuple(str(x) for x in setting)
+        elif setting is not None:
+            setting = (str(setting),)
+        m.methods[key] = MethodMap(v["method"], parse_params_dict(params), setting)
     for key, value in (raw.get("metrics") or {}).items():
         v = _entry("metric", key, value, path, ("metric", "region", "factor"))
         if "unmapped" in v:
@@ -181,7 +211,7 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
     mapping = load_mapping(table, root)
     dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, Path)) else [Path(d) for d in run_dirs]
     try:
-        scores, _edits = load_run(dirs)
+        scores, edits = load_run(dirs)
     except FileNotFoundError as e:
         raise CompareError(str(e)) from None
     if scores.empty:
@@ -191,7 +221,8 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
     unmapped_methods = [m for m in dict.fromkeys(paper["method"]) if m not in mapping.methods]
     unmapped_metrics = [m for m in dict.fromkeys(paper["metric"]) if m not in mapping.metrics]
     for kind, names, known in (("method", mapping.methods, set(paper["method"])),
-                               ("metric", mapping.metrics, set(paper["metric"]))):
+                               ("metric", mapping.metrics, set(paper["metric"])),
+                               ("setting", mapping.settings, set(paper["setting"]))):
         stray = sorted(set(names) - known)
         if stray:
             raise CompareError(f"{mapping.path}: {kind}(s) {', '.join(map(repr, stray))} are not in {table}")
@@ -205,7 +236,19 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
             f"{', '.join(run_protocols) or 'none'}; run with metrics={table_protocols[0]}, or pass "
             "--allow-protocol-mismatch to compare anyway (the caption then says so)")
 
-    summary = summarize(scores, by=("dataset", "method", "params"), **summarize_kw)
+    if any(km.metric in {c[0] for c in COST_METRICS} for km in mapping.metrics.values()):
+        # a runner cost column (cost_prep_s, cost_infer_s, ...) mapped like a metric: its rows as
+        # the report makes them (harness/aggregate.py cost_rows), after the protocol check
+        scores = pd.concat([scores, cost_rows(edits)], ignore_index=True)
+    summaries: dict[tuple[str, ...] | None, pd.DataFrame] = {}
+
+    def summary_of(categories: tuple[str, ...] | None) -> pd.DataFrame:
+        # one summary per category selection (a setting's samples), made when a row needs it
+        if categories not in summaries:
+            part = scores if categories is None else scores[scores["category"].astype(str).isin(categories)]
+            summaries[categories] = summarize(part, by=("dataset", "method", "params"), **summarize_kw)
+        return summaries[categories]
+
     rows: list[dict[str, Any]] = []
     for r in paper.itertuples(index=False):
         row: dict[str, Any] = {c: None for c in COLUMNS}
@@ -214,21 +257,25 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
         row["_decimals"] = int(r.decimals)
         mm = mapping.methods.get(r.method)
         km = mapping.metrics.get(r.metric)
-        if mm is not None and mm.setting is not None and mm.setting != r.setting:
-            row["why"] = f"method mapped for setting {mm.setting!r} only"
+        if mm is not None and mm.setting is not None and r.setting not in mm.setting:
+            row["why"] = f"method mapped for setting {' / '.join(map(repr, mm.setting))} only"
         elif mm is None:
             row["why"] = mapping.unmapped_methods.get(r.method, "method not mapped")
         elif km is None:
             row["why"] = mapping.unmapped_metrics.get(r.metric, "metric not mapped")
         else:
+            sm = mapping.settings.get(r.setting, SettingMap(None, None))
+            region = sm.region or km.region
             row.update(method=mm.method, params=format_params(_json(mm.params), empty=""), metric=km.metric,
-                       region=km.region, factor=km.factor)
+                       region=region, factor=km.factor)
+            summary = summary_of(sm.categories)
             hit = summary[(summary["method"] == mm.method) & (summary["metric"] == km.metric)
-                          & (summary["region"] == km.region)]
+                          & (summary["region"] == region)]
             hit = hit[[_params_match(p, mm.params) for p in hit["params"]]]
             if hit.empty:
-                row["why"] = f"the run has no {km.metric}/{km.region} of {mm.method}" + (
-                    f" with {format_params(_json(mm.params))}" if mm.params else "")
+                row["why"] = f"the run has no {km.metric}/{region} of {mm.method}" + (
+                    f" with {format_params(_json(mm.params))}" if mm.params else "") + (
+                    f" on samples of category {', '.join(sm.categories)}" if sm.categories else "")
             elif len(hit) > 1:
                 row["status"] = "ambiguous"
                 pts = "; ".join(f"{d} {format_params(p)}" for d, p in zip(hit["dataset"], hit["params"]))
@@ -237,7 +284,7 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
                 # scored, but no sample has a value (e.g. background LPIPS on a set without masks)
                 s = hit.iloc[0]
                 row.update(dataset=s["dataset"], params=format_params(s["params"], empty=""))
-                row["why"] = (f"the run's {km.metric}/{km.region} of {mm.method} has no value on any sample "
+                row["why"] = (f"the run's {km.metric}/{region} of {mm.method} has no value on any sample "
                               f"({int(s.get('n_nan', 0) or 0)} NaN)")
             else:
                 s = hit.iloc[0]

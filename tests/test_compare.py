@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from harness.aggregate import summarize, load_run
+from harness.aggregate import COST_METRICS, summarize, load_run
 from harness.cli import main
 from harness.compare import CompareError, compare, load_mapping, write_compare
 from harness.paper import COLUMNS, PAPER_DIR, load_table, tables
@@ -259,9 +259,12 @@ def test_shipped_mapping_names_exist(path):
         assert mm.method in METHODS.names()
     protocols = {p for p in paper.loc[paper["metric"].isin(list(m.metrics)), "protocol"] if p}
     assert len(protocols) == 1
-    rows_ = _protocol_rows(protocols.pop())
+    # a protocol's metric rows, and the runner's cost columns every report has
+    rows_ = _protocol_rows(protocols.pop()) | {(c[0], "all") for c in COST_METRICS}
     for paper_metric, km in m.metrics.items():
         assert (km.metric, km.region) in rows_, paper_metric
+    for setting, sm in m.settings.items():
+        assert setting in set(paper["setting"]) and sm.categories or sm.region
 
 
 def test_setting_restricts_a_method_mapping(setup):
@@ -287,3 +290,55 @@ def test_a_cell_with_no_value_on_any_sample_is_not_compared(tmp_path):
     assert got["status"] == "not in this run" and got["n"] == 0
     assert got["why"] == f"the run's l1/all of recolor has no value on any sample ({N} NaN)"
     assert r[("Recolor", "CLIP-T")]["status"] == "compared"
+
+
+def _set_categories(run: Path, method: str, categories: list[str]) -> None:
+    """Give the samples of ``method``'s job the categories ``categories`` (cycled), in both tables."""
+    for d in (run / "jobs").iterdir():
+        if d.name.startswith(f"{method}-"):
+            for name in ("scores.parquet", "edits.parquet"):
+                f = pd.read_parquet(d / name)
+                idx = f["sample_id"].str[1:].astype(int)
+                f["category"] = [categories[i % len(categories)] for i in idx]
+                f.to_parquet(d / name, index=False)
+
+
+def test_settings_select_categories_regions_and_cost_columns(tmp_path):
+    """A ``settings:`` section: a setting's rows read only its category's samples (DiffEditor Table
+    2's tasks) or another region; a method may be mapped for a list of settings; a runner cost
+    column (cost_infer_s) maps like a metric."""
+    run = tmp_path / "run"
+    write_job(run, "recolor", {"l1": L1, "clip_t": CLIP_T})
+    _set_categories(run, "recolor", ["move", "paste"])
+    d = tmp_path / "paper" / "synth"
+    d.mkdir(parents=True)
+    with open(d / "table1.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for setting, metric, v in (("Moving", "CLIP", "0.300"), ("Pasting", "CLIP", "0.300"),
+                                   ("All", "CLIP", "0.300"), ("Jaw", "CLIP", "0.300"), ("", "Time", "1.00")):
+            w.writerow(["synth", "table1", setting, "Recolor", metric, v, "", "true", "zone", "1", ""])
+    (d / "table1.yaml").write_text(yaml.safe_dump({"source": "Synth", "dataset": "Synth"}))
+    mapping = {"table": "synth/table1",
+               "methods": {"Recolor": {"method": "recolor", "setting": ["Moving", "Pasting", "Jaw", ""]}},
+               "metrics": {"CLIP": {"metric": "clip_t", "region": "all"}, "Time": {"metric": "cost_infer_s"}},
+               "settings": {"Moving": {"category": "move"}, "Pasting": {"category": ["paste"]},
+                            "Jaw": {"region": "17pt"}}}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    r = {(x["setting"], x["paper_metric"]): x for x in compare(run, "synth/table1", root=tmp_path / "paper").frame.to_dict("records")}
+    even, odd = CLIP_T[0::2], CLIP_T[1::2]  # sample i has category move (i even) / paste (i odd)
+    assert r[("Moving", "CLIP")]["n"] == len(even) and r[("Moving", "CLIP")]["ours_mean"] == pytest.approx(even.mean(), rel=1e-12)
+    assert r[("Pasting", "CLIP")]["n"] == len(odd) and r[("Pasting", "CLIP")]["ours_mean"] == pytest.approx(odd.mean(), rel=1e-12)
+    assert r[("All", "CLIP")]["why"] == "method mapped for setting 'Moving' / 'Pasting' / 'Jaw' / '' only"
+    assert r[("Jaw", "CLIP")]["status"] == "not in this run" and r[("Jaw", "CLIP")]["region"] == "17pt"
+    assert r[("Jaw", "CLIP")]["why"] == "the run has no clip_t/17pt of recolor"
+    # write_job's edits take 0.2 s of inference each
+    assert r[("", "Time")]["status"] == "compared" and r[("", "Time")]["ours_mean"] == pytest.approx(0.2)
+    mapping["settings"]["Nowhere"] = {"category": "move"}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    with pytest.raises(CompareError, match="setting\\(s\\) 'Nowhere' are not in synth/table1"):
+        compare(run, "synth/table1", root=tmp_path / "paper")
+    mapping["settings"] = {"Moving": {"category": 3}}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    with pytest.raises(CompareError, match="setting 'Moving': category must be"):
+        compare(run, "synth/table1", root=tmp_path / "paper")
