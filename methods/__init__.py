@@ -33,3 +33,4 @@ from . import tedbench_results  # noqa: F401
 from . import cpam  # noqa: F401  (a package: methods/cpam/)
 from . import dragdiffusion  # noqa: F401  (a package: methods/dragdiffusion/)
 from . import self_guidance  # noqa: F401
+from . import diffeditor, dragondiffusion  # noqa: F401  (shared code: methods/dragon/)
