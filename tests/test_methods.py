@@ -104,7 +104,9 @@ def test_yaml_matches_params(path):
     assert cfg.get("name") == path.stem, path
     assert path.stem in METHODS, f"conf/method/{path.name}: no method '{path.stem}' is registered by methods/"
     cls = METHODS.get(path.stem)
-    fields = {f.name: f.default for f in dataclasses.fields(cls.Params)}
+    # a tuple default (immutable, as a dataclass default must be) is a list in YAML
+    fields = {f.name: list(f.default) if isinstance(f.default, tuple) else f.default
+              for f in dataclasses.fields(cls.Params)}
     values = {k: v for k, v in cfg.items() if k != "name"}
     assert values == fields, f"{path.name}: {values} != Params {fields}"
     try:

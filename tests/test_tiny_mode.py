@@ -45,6 +45,10 @@ TINY_EXTRA = {
     "imagic": {"embedding_steps": 4, "finetune_steps": 4},
     "cpam": {"start_step": 1, "start_layer": 3, "null_inner_steps": 2},
     "dragdiffusion": {"lora_steps": 2, "lora_batch_size": 2, "n_pix_step": 2, "start_layer": 3},
+    # 10 steps: the code's step windows (guidance, regional SDE, time travel: methods/dragon/sampler.py),
+    # scaled from 50 steps, each keep at least one step
+    "diffeditor": {"num_inference_steps": 10},
+    "dragondiffusion": {"num_inference_steps": 10},
 }
 
 
@@ -60,11 +64,13 @@ def compose_method(name: str, *overrides: str) -> dict:
 
 
 def test_every_diffusion_config_is_covered():
-    # the 24 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE,
-    # PartEdit and its real-image baselines, CPAM, FPE and Imagic
-    assert len(DIFFUSION_CONFIGS) == 24 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
+    # the 28 shipped diffusion adapters: 12+ baselines, their SDXL variants, Paint-by-Example, generic, ZONE,
+    # PartEdit and its real-image baselines, CPAM, FPE and Imagic, DiffEditor, DragonDiffusion, DragDiffusion
+    # and Self-Guidance
+    assert len(DIFFUSION_CONFIGS) == 28 and {"paint_by_example", "sdxl_inpaint", "ledits_pp_sdxl",
                                               "blended_latent_diffusion_sdxl", "zone", "partedit", "ef_ddpm",
-                                              "pnp_inversion", "infedit", "cpam", "fpe", "imagic"} <= set(DIFFUSION_CONFIGS)
+                                              "pnp_inversion", "infedit", "cpam", "fpe", "imagic", "diffeditor",
+                                              "dragondiffusion", "dragdiffusion", "self_guidance"} <= set(DIFFUSION_CONFIGS)
 
 
 # -- the tiny VAE is shaped like SD's: spatial factor 8 -----------------------------------------
