@@ -34,3 +34,4 @@ from . import cpam  # noqa: F401  (a package: methods/cpam/)
 from . import dragdiffusion  # noqa: F401  (a package: methods/dragdiffusion/)
 from . import self_guidance  # noqa: F401
 from . import diffeditor, dragondiffusion  # noqa: F401  (shared code: methods/dragon/)
+from . import draggan, usercontrollablelt  # noqa: F401  (GAN baselines: methods/stylegan2/)

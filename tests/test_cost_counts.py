@@ -244,8 +244,9 @@ def test_every_diffusion_adapter_edit_counts():
     from methods._diffusion_common import DiffusionMethod
 
     # Text2LIVE is no diffusion method (a per-image optimisation under CLIP losses) but counts
-    # its networks (CLIP image / text towers, generator) the same way
-    counted_otherwise = {"text2live"}
+    # its networks (CLIP image / text towers, generator) the same way; so do the GAN drag methods
+    # (StyleGAN2 generator, its mapping network, LPIPS, UserControllableLT's latent transformer)
+    counted_otherwise = {"text2live", "draggan", "usercontrollablelt"}
     names = [n for n in METHODS.names() if issubclass(METHODS.get(n), DiffusionMethod)]
     # no network of their own: classical references, and edits made elsewhere (a folder, the
     # PartEdit-Bench authors' published results)
