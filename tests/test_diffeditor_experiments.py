@@ -205,24 +205,30 @@ def test_tiny_table2_run_edits_every_task(tmp_path):
 def test_table_mappings_name_the_experiments_methods():
     m1 = load_mapping("diffeditor/table1")
     assert {k: v.method for k, v in m1.methods.items()} == dict(zip(TABLE1_NAMES, TABLE1))
-    assert all(v.setting == "68 points" and v.params == {} for v in m1.methods.values())
+    # the 68-point rows and the time rows (setting ""), which are the runner's cost columns
+    assert all(v.setting == ("68 points", "") and v.params == {} for v in m1.methods.values())
     assert set(m1.unmapped_methods) == {"Initial distance (no edit)"}
-    assert {k: (v.metric, v.region) for k, v in m1.metrics.items()} == {"Landmark MSE": ("landmark_mse", "68pt"),
-                                                                      "FID": ("fid", "all")}
-    assert set(m1.unmapped_metrics) == {"Preparing complexity", "Inference complexity"}
+    assert {k: (v.metric, v.region) for k, v in m1.metrics.items()} == {
+        "Landmark MSE": ("landmark_mse", "68pt"), "FID": ("fid", "all"),
+        "Preparing complexity": ("cost_prep_s", "all"), "Inference complexity": ("cost_infer_s", "all")}
+    assert not m1.unmapped_metrics
     m2 = load_mapping("diffeditor/table2")
     assert {k: v.method for k, v in m2.methods.items()} == dict(zip(TABLE2_NAMES, TABLE2))
-    assert m2.methods["Pain-by-example"].setting == "Pasting"
+    assert m2.methods["Pain-by-example"].setting == ("Pasting",)
+    # each task's column reads the scores of that task's samples only
+    assert {k: v.categories for k, v in m2.settings.items()} == {
+        "Pasting": ("paste",), "Moving": ("move",), "Replacing": ("appearance",)}
     assert {k: (v.metric, v.region, v.factor) for k, v in m2.metrics.items()} == {"CLIP": ("clip_t", "all", 1.0)}
 
 
-def _write_job(run_dir: Path, method: str, rows: list[tuple[str, str, str, float]]) -> None:
+def _write_job(run_dir: Path, method: str, rows: list[tuple[str, str, str, float]],
+               categories: dict[str, str] | None = None) -> None:
     """One job's scores.parquet / edits.parquet with the runner's columns; rows: (sample, metric,
-    region, value)."""
+    region, value); ``categories``: sample -> category (default face_drag)."""
     job = f"{method}-face_drag-0"
     samples = sorted({r[0] for r in rows})
     base = {s: dict(run=run_dir.name, job=job, method=method, method_version="1", params=canonical_params({}),
-                    dataset="face_drag", sample_id=s, category="face_drag", seed=0, edit_key=f"{job}-{s}")
+                    dataset="face_drag", sample_id=s, category=(categories or {}).get(s, "face_drag"), seed=0, edit_key=f"{job}-{s}")
             for s in samples}
     edits = [{**b, "status": "ok", "reason": None, "flags": "", "notes": "", "prep_seconds": 1.0,
               "infer_seconds": 2.0, "peak_memory_bytes": 1.0, "model_revision": None} for b in base.values()]
@@ -237,7 +243,7 @@ def _write_job(run_dir: Path, method: str, rows: list[tuple[str, str, str, float
 
 def test_table1_compares_the_68_point_rows_only(tmp_path):
     """A run of the five methods: Landmark MSE (68 points) is each method's landmark_mse/68pt mean and
-    FID its fid; the 17-point rows and the time rows say why they are not compared."""
+    FID its fid; the time rows read the runner's seconds per edit; the 17-point rows say why they are not compared."""
     run = tmp_path / "diffeditor_table1"
     n = 6
     noise = np.random.default_rng(16).standard_normal(n)
@@ -261,21 +267,26 @@ def test_table1_compares_the_68_point_rows_only(tmp_path):
         assert f.loc[("68 points", name, "FID")]["ours_mean"] == pytest.approx(levels[m][1])
         for metric in ("Landmark MSE", "FID"):
             r17 = f.loc[("17 points", name, metric)]
-            assert r17["status"] == "not in this run" and r17["why"] == "method mapped for setting '68 points' only"
-        assert f.loc[("", name, "Preparing complexity")]["status"] == "not in this run"
-    assert (res.frame["status"] == "compared").sum() == 10
+            assert r17["status"] == "not in this run" and r17["why"] == "method mapped for setting '68 points' / '' only"
+        # the runner's seconds per edit (_write_job: 1 s preparation, 2 s inference)
+        assert f.loc[("", name, "Preparing complexity")]["ours_mean"] == pytest.approx(1.0)
+        assert f.loc[("", name, "Inference complexity")]["ours_mean"] == pytest.approx(2.0)
+    assert (res.frame["status"] == "compared").sum() == 20
 
 
 def test_table2_pastes_only_with_paint_by_example(tmp_path):
     run = tmp_path / "diffeditor_table2"
+    task_value = {"paste": 0.0, "move": 0.001, "appearance": 0.002}  # a different score per task
     for i, m in enumerate(TABLE2):
-        rows = [(s, "clip_t", "all", 0.25 + 0.01 * i) for s in TASK_IDS.values()]
-        _write_job(run, m, rows)
+        rows = [(s, "clip_t", "all", 0.25 + 0.01 * i + task_value[t]) for t, s in TASK_IDS.items()]
+        _write_job(run, m, rows, categories={s: t for t, s in TASK_IDS.items()})
     res = compare(run, "diffeditor/table2")
     f = res.frame.set_index(["setting", "paper_method", "paper_metric"])
+    # each column is the method's score on that task's sample only
     assert f.loc[("Pasting", "Pain-by-example", "CLIP")]["ours_mean"] == pytest.approx(0.25)
-    assert f.loc[("Moving", "DragonDiff", "CLIP")]["ours_mean"] == pytest.approx(0.27)
-    assert f.loc[("Replacing", "Ours", "CLIP")]["status"] == "compared"
+    assert f.loc[("Moving", "DragonDiff", "CLIP")]["ours_mean"] == pytest.approx(0.271)
+    assert f.loc[("Replacing", "Ours", "CLIP")]["ours_mean"] == pytest.approx(0.282)
+    assert f.loc[("Replacing", "Ours", "CLIP")]["n"] == 1
     assert (res.frame["status"] == "compared").sum() == 9  # every published number of Table 2
 
 
