@@ -16,7 +16,10 @@ region) and ONE declared mapping per table, ``results/paper/<paper>/<table>.comp
       Inference time: {metric: cost_infer_s}   # a runner cost column (seconds per edit), as the report's
     settings:                     # optional: what a paper setting (sub-column) selects in the run
       Pasting: {category: paste}          # only the scores of samples of that category (or a list)
-      17 points: {region: 17pt}           # this setting's rows read that region of every metric
+      Jaw: {region: 17pt}                 # this setting's rows read that region of every metric
+      17 points: {params: {point_subset: 17pt}, region: {Landmark MSE: 17pt}}
+                                          # the parameter point the setting's rows read (with each
+                                          # method's own params), a region for the named metrics only
 
 Nothing is guessed: a paper method or metric the mapping does not name, or names as
 ``unmapped``, is listed as such, and its rows read "not in this run". One output row per published
@@ -76,6 +79,12 @@ class MetricMap:
 class SettingMap:
     categories: tuple[str, ...] | None  # None: every sample
     region: str | None  # None: each metric's own region
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)  # parameter values its rows select
+    metric_regions: dict[str, str] = dataclasses.field(default_factory=dict)  # paper metric -> region
+
+    def region_of(self, paper_metric: str, default: str) -> str:
+        """The region a row of this setting reads for ``paper_metric`` (the metric's own: ``default``)."""
+        return self.metric_regions.get(paper_metric) or self.region or default
 
 
 @dataclasses.dataclass
@@ -128,8 +137,8 @@ def load_mapping(name: str, root: Path | None = None) -> TableMapping:
     m = TableMapping(path, {}, {}, {}, {})
     for key, value in (raw.get("settings") or {}).items():
         where = f"{path}: setting {key!r}"
-        if not isinstance(value, dict) or not value or set(value) - {"category", "region"}:
-            raise CompareError(f"{where}: expected a mapping with category and/or region, got {value!r}")
+        if not isinstance(value, dict) or not value or set(value) - {"category", "region", "params"}:
+            raise CompareError(f"{where}: expected a mapping with category, region and/or params, got {value!r}")
         cats = value.get("category")
         if cats is not None:
             cats = (cats,) if isinstance(cats, str) else tuple(cats) if isinstance(cats, list) else None
@@ -137,9 +146,18 @@ def load_mapping(name: str, root: Path | None = None) -> TableMapping:
                 raise CompareError(f"{where}: category must be a category name or a list of them, got "
                                    f"{value.get('category')!r}")
         region = value.get("region")
-        if region is not None and (not isinstance(region, str) or not region):
+        per_metric: dict[str, str] = {}
+        if isinstance(region, dict):
+            per_metric, region = region, None
+            if not per_metric or not all(isinstance(k, str) and isinstance(v, str) and v for k, v in per_metric.items()):
+                raise CompareError(f"{where}: region must be a harness region name or a mapping paper metric -> "
+                                   f"region name, got {value.get('region')!r}")
+        elif region is not None and (not isinstance(region, str) or not region):
             raise CompareError(f"{where}: region must be a harness region name, got {region!r}")
-        m.settings[str(key)] = SettingMap(cats, region)
+        sparams = value.get("params") or {}
+        if not isinstance(sparams, dict):
+            raise CompareError(f"{where}: params must be a mapping, got {sparams!r}")
+        m.settings[str(key)] = SettingMap(cats, region, parse_params_dict(sparams), dict(per_metric))
     for key, value in (raw.get("methods") or {}).items():
         v = _entry("method", key, value, path, ("method", "params", "setting"))
         if "unmapped" in v:
@@ -167,6 +185,16 @@ def load_mapping(name: str, root: Path | None = None) -> TableMapping:
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (math.isfinite(factor) and factor > 0):
             raise CompareError(f"{path}: metric {key!r}: factor {factor!r} is not a positive number")
         m.metrics[key] = MetricMap(v["metric"], v.get("region", "all"), float(factor))
+    for skey, sm in m.settings.items():
+        stray = sorted(set(sm.metric_regions) - set(m.metrics))
+        if stray:
+            raise CompareError(f"{path}: setting {skey!r}: region names metric(s) {', '.join(map(repr, stray))} "
+                               "that the mapping's metrics do not map")
+        for mkey, mm in m.methods.items():
+            clash = sorted(k for k in set(sm.params) & set(mm.params) if sm.params[k] != mm.params[k])
+            if clash and (mm.setting is None or skey in mm.setting):
+                raise CompareError(f"{path}: method {mkey!r} and setting {skey!r} select different values of "
+                                   f"{', '.join(clash)}")
     return m
 
 
@@ -265,16 +293,17 @@ def compare(run_dirs: str | Path | Sequence[str | Path], table: str, root: Path 
             row["why"] = mapping.unmapped_metrics.get(r.metric, "metric not mapped")
         else:
             sm = mapping.settings.get(r.setting, SettingMap(None, None))
-            region = sm.region or km.region
-            row.update(method=mm.method, params=format_params(_json(mm.params), empty=""), metric=km.metric,
+            region = sm.region_of(r.metric, km.region)
+            wanted = {**mm.params, **sm.params}  # no clash: load_mapping refuses one
+            row.update(method=mm.method, params=format_params(_json(wanted), empty=""), metric=km.metric,
                        region=region, factor=km.factor)
             summary = summary_of(sm.categories)
             hit = summary[(summary["method"] == mm.method) & (summary["metric"] == km.metric)
                           & (summary["region"] == region)]
-            hit = hit[[_params_match(p, mm.params) for p in hit["params"]]]
+            hit = hit[[_params_match(p, wanted) for p in hit["params"]]]
             if hit.empty:
                 row["why"] = f"the run has no {km.metric}/{region} of {mm.method}" + (
-                    f" with {format_params(_json(mm.params))}" if mm.params else "") + (
+                    f" with {format_params(_json(wanted))}" if wanted else "") + (
                     f" on samples of category {', '.join(sm.categories)}" if sm.categories else "")
             elif len(hit) > 1:
                 row["status"] = "ambiguous"

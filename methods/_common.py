@@ -1,4 +1,6 @@
-"""Shared helpers for the classical (CPU, OpenCV / scikit-image) reference methods.
+"""Shared helpers for the classical (CPU, OpenCV / scikit-image) reference methods, and the drag
+methods' handle-point selection (:func:`handle_points`, the ``point_subset`` parameter of
+``diffeditor``, ``dragondiffusion``, ``dragdiffusion``, ``draggan`` and ``usercontrollablelt``).
 
 Nothing here imports torch. All helpers are deterministic.
 """
@@ -9,6 +11,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import disk
 
+from harness.metrics.landmarks import LAYOUT as LANDMARK_LAYOUT
+from harness.metrics.landmarks import POINT_SETS
 from harness.types import Sample, SampleError, SkipSample
 
 INPAINT_FLAGS = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
@@ -28,6 +32,61 @@ def check_int(owner: str, name: str, value, minimum: int) -> None:
         raise ValueError(f"{owner}: '{name}' must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"{owner}: '{name}' must be >= {minimum}, got {value!r}")
+
+
+#: The values of the drag methods' ``point_subset`` parameter: ``all`` (every point of the sample,
+#: whatever its layout: the behaviour without the parameter) or a named point set of the 68-point dlib
+#: layout (harness/metrics/landmarks.py POINT_SETS: ``68pt`` = points 0-67, ``17pt`` = the jaw line
+#: 0-16, the landmark_mse regions). DiffEditor Table 1 (sec. 4.2) drags faces with 17 or 68
+#: landmarks; which 17 it does not say: the jaw line is the harness's choice.
+POINT_SUBSETS: tuple[str, ...] = ("all", *POINT_SETS)
+
+
+def check_point_subset(owner: str, value) -> None:
+    """A method's ``point_subset`` parameter check (``owner`` names the method in the error)."""
+    check_choice(owner, "point_subset", value, POINT_SUBSETS)
+
+
+def handle_points(sample: Sample, subset: str = "all") -> tuple:
+    """The ``(source_points, target_points)`` a drag method drags for ``sample`` under
+    ``point_subset = subset``.
+
+    ``"all"`` returns the sample's two fields as they are (each method checks them as it always
+    did). A named set (:data:`POINT_SUBSETS`) needs a sample of the ``dlib68`` point layout with at
+    least as many points in both fields as the set's largest index + 1, and returns those rows
+    (float64 (n, 2) arrays, in the set's order). Anything else raises :class:`SampleError` naming
+    the sample and the field (``point_layout``, ``source_points`` or ``target_points``); an unknown
+    ``subset`` is a ``ValueError``. The metric is unaffected: landmark_mse still scores against the
+    sample's full target points (region ``17pt`` = the points dragged by ``17pt``).
+    """
+    if subset == "all":
+        return sample.source_points, sample.target_points
+    if subset not in POINT_SETS:
+        raise ValueError(f"point_subset must be one of {list(POINT_SUBSETS)}, got {subset!r}")
+    if sample.point_layout != LANDMARK_LAYOUT:
+        raise SampleError(sample.id, "point_layout",
+                          f"point_subset '{subset}' selects landmarks of the '{LANDMARK_LAYOUT}' layout (68 dlib face "
+                          f"points); the sample's point layout is {sample.point_layout!r} (use point_subset 'all')")
+    idx = list(POINT_SETS[subset])
+    need = max(idx) + 1
+    out = []
+    for field in ("source_points", "target_points"):
+        value = getattr(sample, field)
+        if value is None:
+            raise SampleError(sample.id, field, f"point_subset '{subset}' needs the sample's {field}; it has none")
+        try:
+            a = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise SampleError(sample.id, field, f"expected an (N, 2) array of (x, y) points, got "
+                                                f"{type(value).__name__}") from None
+        if a.ndim != 2 or a.shape[1] != 2:
+            raise SampleError(sample.id, field, f"expected an (N, 2) array of (x, y) points, got shape {a.shape}")
+        if len(a) < need:
+            raise SampleError(sample.id, field, f"point_subset '{subset}' needs point {need - 1} (indices "
+                                                f"{idx[0]}-{idx[-1]} of the {LANDMARK_LAYOUT} layout); the sample "
+                                                f"has {len(a)} points")
+        out.append(a[idx])
+    return out[0], out[1]
 
 
 def source_of(sample: Sample) -> np.ndarray:

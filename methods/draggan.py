@@ -35,7 +35,8 @@ Not specified by the paper (parameters): ``max_steps`` 300 (the GUI runs until s
 landmark experiment does not give a cap); the inversion (DiffEditor's Table 1 does not say how
 DragGAN was given real faces; DragGAN's README: PTI; defaults: stylegan2-ada projector in ``w``
 with 1000 steps, then PTI's 350 tuning steps); ``use_mask`` true (the fixed-region term needs a
-mask; a sample without one runs without it).
+mask; a sample without one runs without it); which 17 landmarks DiffEditor's 17-point setting drags
+(``point_subset``: ``all`` default, ``17pt`` = the jaw line 0-16 of a ``dlib68`` face, our choice).
 
 Network calls (``info["network_calls"]``): ``generator`` (synthesis network: 1 per projector /
 tuning / drag step, + 1 final), ``generator_mapping`` (1: the projector's ``w_avg``), ``lpips``.
@@ -217,8 +218,9 @@ class DragGAN(GanEditMethod):
         src = np.asarray(sample.source)
         hw = src.shape[:2]
         R = G.img_resolution
-        handles = self.scale_points(sample.source_points, hw, R)
-        targets = self.scale_points(sample.target_points, hw, R)
+        src_pts, tgt_pts = self.drag_points(sample)
+        handles = self.scale_points(src_pts, hw, R)
+        targets = self.scale_points(tgt_pts, hw, R)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             inv, _, _ = self.invert(sample, seed)
@@ -238,6 +240,8 @@ class DragGAN(GanEditMethod):
         info = {
             **loaded["info"],
             **self.inversion_info(inv),
+            "point_subset": p.point_subset,
+            "dragged_points": int(len(handles)),
             "drag_steps": res.steps,
             "reached_targets": bool(res.stopped),
             "tracked_points": back.round(2).tolist(),

@@ -33,7 +33,9 @@ the paper):
 half a grid pixel) are passed as the official "stop points" (tokens with zero vectors), the UI's
 way of pinning content.
 
-Not specified by the paper (parameters): ``multi_point``, ``stop_unmoved``; the inversion (the
+Not specified by the paper (parameters): ``multi_point``, ``stop_unmoved``; which 17 landmarks
+DiffEditor's 17-point setting drags (``point_subset``: ``all`` default, ``17pt`` = the jaw line 0-16 of
+a ``dlib68`` face, our choice; :meth:`~methods.stylegan2.adapter.GanEditMethod.drag_points`); the inversion (the
 paper's 1.1 s preparation time suggests an encoder, as the community demo's pSp; none is offered
 here: the stylegan2-ada projector in ``w+`` with ``inversion_steps`` steps, a parameter).
 
@@ -209,8 +211,9 @@ class UserControllableLT(GanEditMethod):
         src = np.asarray(sample.source)
         hw = src.shape[:2]
         R, grid = G.img_resolution, p.grid_size
-        handles = self.scale_points(sample.source_points, hw, R) * (grid / R)
-        targets = self.scale_points(sample.target_points, hw, R) * (grid / R)
+        src_pts, tgt_pts = self.drag_points(sample)
+        handles = self.scale_points(src_pts, hw, R) * (grid / R)
+        targets = self.scale_points(tgt_pts, hw, R) * (grid / R)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             inv, _, _ = self.invert(sample, seed)
@@ -240,6 +243,8 @@ class UserControllableLT(GanEditMethod):
         info = {
             **loaded["info"],
             **self.inversion_info(inv),
+            "point_subset": p.point_subset,
+            "dragged_points": int(len(handles)),
             "multi_point": p.multi_point,
             "moving_points": int(moving.sum()),
             "stop_points": int(len(stops)),

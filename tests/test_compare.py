@@ -264,7 +264,9 @@ def test_shipped_mapping_names_exist(path):
     for paper_metric, km in m.metrics.items():
         assert (km.metric, km.region) in rows_, paper_metric
     for setting, sm in m.settings.items():
-        assert setting in set(paper["setting"]) and sm.categories or sm.region
+        assert setting in set(paper["setting"]) and (sm.categories or sm.region or sm.params or sm.metric_regions)
+        for paper_metric, region in sm.metric_regions.items():
+            assert (m.metrics[paper_metric].metric, region) in rows_, (setting, paper_metric)
 
 
 def test_setting_restricts_a_method_mapping(setup):
@@ -342,3 +344,19 @@ def test_settings_select_categories_regions_and_cost_columns(tmp_path):
     (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
     with pytest.raises(CompareError, match="setting 'Moving': category must be"):
         compare(run, "synth/table1", root=tmp_path / "paper")
+    # a setting's parameter values and a region for named metrics only: their clashes and strays refused
+    mapping["settings"] = {"Jaw": {"region": {"Nope": "17pt"}}}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    with pytest.raises(CompareError, match="setting 'Jaw': region names metric\\(s\\) 'Nope'"):
+        compare(run, "synth/table1", root=tmp_path / "paper")
+    mapping["settings"] = {"Jaw": {"params": {"strength": 0.5}}}
+    mapping["methods"]["Recolor"]["params"] = {"strength": 1.0}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    with pytest.raises(CompareError, match="method 'Recolor' and setting 'Jaw' select different values of strength"):
+        compare(run, "synth/table1", root=tmp_path / "paper")
+    mapping["methods"]["Recolor"]["params"] = {}
+    mapping["settings"] = {"Jaw": {"params": {"strength": 0.5}, "region": {"CLIP": "all"}}}
+    (d / "table1.compare.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    r = {(x["setting"], x["paper_metric"]): x for x in compare(run, "synth/table1", root=tmp_path / "paper").frame.to_dict("records")}
+    assert r[("Jaw", "CLIP")]["region"] == "all" and r[("Jaw", "CLIP")]["params"] == "strength=0.5"
+    assert r[("Jaw", "CLIP")]["why"] == "the run has no clip_t/all of recolor with strength=0.5"

@@ -118,15 +118,22 @@ def _jobs(experiment: str, *extra: str):
 
 def test_table1_jobs():
     require_methods(TABLE1)
+    from harness.runner import build_method
+
     jobs = _jobs("diffeditor_table1")
-    assert jobs.swept == ["method"] and [c["method"]["name"] for c in jobs.configs] == TABLE1
+    # every method at both settings of the table: all (68 points dragged) and 17pt (the jaw 0-16)
+    assert jobs.swept == ["method", "method.point_subset"] and len(jobs.configs) == 10
+    assert [(c["method"]["name"], c["method"]["point_subset"]) for c in jobs.configs] == [
+        (m, p) for m in TABLE1 for p in ("all", "17pt")]
     for c in jobs.configs:
+        assert build_method(c["method"]).resolved_params()["point_subset"] == c["method"]["point_subset"]
         assert c["metrics"]["protocol"] == "diffeditor" and set(c["metrics"]["items"]) >= {"landmark_mse", "fid"}
         assert c["dataset"]["name"] == "sample" and c["dataset"]["ids"] == FACE_IDS
         assert c["paper_tables"] == ["diffeditor/table1"]
     # the CelebA-HQ set: dataset=face_drag with ids=null (conf/dataset/face_drag.yaml)
     face = _jobs("diffeditor_table1", "dataset=face_drag", "dataset.root=datasets/sample", "dataset.ids=null")
     assert all(c["dataset"]["name"] == "face_drag" and c["dataset"]["ids"] is None for c in face.configs)
+    assert len(face.configs) == 10
 
 
 def test_table2_jobs():
@@ -168,16 +175,28 @@ def _tiny_run(tmp_path, experiment: str, method: str, ids: list[str]) -> tuple[p
     args = ["run", f"experiment={experiment}", f"method={method}", f"dataset.ids=[{','.join(ids)}]",
             f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'edits'}", *TINY]
     assert main(args) == 0
-    (table,) = (tmp_path / experiment / "jobs").glob("*/edits.parquet")
-    return pd.read_parquet(table), pd.read_parquet(table.parent / "scores.parquet")
+    tables = sorted((tmp_path / experiment / "jobs").glob("*/edits.parquet"))
+    assert tables
+    return (pd.concat([pd.read_parquet(t) for t in tables], ignore_index=True),
+            pd.concat([pd.read_parquet(t.parent / "scores.parquet") for t in tables], ignore_index=True))
 
 
-@pytest.mark.slow  # about 15 s of CPU (dlib, random Inception and CLIP built for one edit)
+@pytest.mark.slow  # about 25 s of CPU (dlib, random Inception and CLIP built for two edits)
 def test_tiny_table1_run_scores_landmarks_and_fid(tmp_path):
     require_methods(["dragondiffusion"])
+    from harness.aggregate import parse_params
+    from harness.cache import EditStore
+
     edits, scores = _tiny_run(tmp_path, "diffeditor_table1", "dragondiffusion", FACE_IDS[:1])
-    assert list(edits.sample_id) == FACE_IDS[:1] and (edits.status == "ok").all(), edits.reason.tolist()
+    # the two settings' jobs (point_subset all and 17pt), one edit each
+    subsets = [parse_params(p)["point_subset"] for p in edits.params]
+    assert sorted(subsets) == ["17pt", "all"] and list(edits.sample_id) == FACE_IDS[:1] * 2
+    assert (edits.status == "ok").all(), edits.reason.tolist()
     assert (edits.prep_seconds > 0).all() and (edits.infer_seconds > 0).all()
+    store = EditStore(tmp_path / "edits")
+    dragged = {sub: store.get(key).meta["info"]["dragged_points"] for sub, key in zip(subsets, edits.edit_key)}
+    assert dragged == {"all": 68, "17pt": 17}
+    scores = scores[[parse_params(p)["point_subset"] == "all" for p in scores.params]]
     rows = scores.set_index(["sample_id", "metric", "region"])["value"]
     for sid in FACE_IDS[:1]:
         # the no-edit distance is the sample's own (source vs target points, both known exactly)
@@ -205,8 +224,13 @@ def test_tiny_table2_run_edits_every_task(tmp_path):
 def test_table_mappings_name_the_experiments_methods():
     m1 = load_mapping("diffeditor/table1")
     assert {k: v.method for k, v in m1.methods.items()} == dict(zip(TABLE1_NAMES, TABLE1))
-    # the 68-point rows and the time rows (setting ""), which are the runner's cost columns
-    assert all(v.setting == ("68 points", "") and v.params == {} for v in m1.methods.values())
+    # every setting of every method; the setting selects the parameter point (17pt jobs for the
+    # "17 points" rows, the all jobs for the 68-point and time rows) and, for 17 points, the
+    # landmark region of the 17 dragged points (FID keeps its own region)
+    assert all(v.setting is None and v.params == {} for v in m1.methods.values())
+    assert {k: (v.params, v.region, v.metric_regions, v.categories) for k, v in m1.settings.items()} == {
+        "68 points": ({"point_subset": "all"}, None, {}, None), "": ({"point_subset": "all"}, None, {}, None),
+        "17 points": ({"point_subset": "17pt"}, None, {"Landmark MSE": "17pt"}, None)}
     assert set(m1.unmapped_methods) == {"Initial distance (no edit)"}
     assert {k: (v.metric, v.region) for k, v in m1.metrics.items()} == {
         "Landmark MSE": ("landmark_mse", "68pt"), "FID": ("fid", "all"),
@@ -222,16 +246,18 @@ def test_table_mappings_name_the_experiments_methods():
 
 
 def _write_job(run_dir: Path, method: str, rows: list[tuple[str, str, str, float]],
-               categories: dict[str, str] | None = None) -> None:
+               categories: dict[str, str] | None = None, params: dict | None = None,
+               seconds: tuple[float, float] = (1.0, 2.0)) -> None:
     """One job's scores.parquet / edits.parquet with the runner's columns; rows: (sample, metric,
-    region, value); ``categories``: sample -> category (default face_drag)."""
-    job = f"{method}-face_drag-0"
+    region, value); ``categories``: sample -> category (default face_drag); ``params``: the job's
+    parameter point; ``seconds``: every edit's (preparation, inference) seconds."""
+    job = f"{method}-face_drag-{len(list(run_dir.glob('jobs/*')))}"
     samples = sorted({r[0] for r in rows})
-    base = {s: dict(run=run_dir.name, job=job, method=method, method_version="1", params=canonical_params({}),
+    base = {s: dict(run=run_dir.name, job=job, method=method, method_version="1", params=canonical_params(params or {}),
                     dataset="face_drag", sample_id=s, category=(categories or {}).get(s, "face_drag"), seed=0, edit_key=f"{job}-{s}")
             for s in samples}
-    edits = [{**b, "status": "ok", "reason": None, "flags": "", "notes": "", "prep_seconds": 1.0,
-              "infer_seconds": 2.0, "peak_memory_bytes": 1.0, "model_revision": None} for b in base.values()]
+    edits = [{**b, "status": "ok", "reason": None, "flags": "", "notes": "", "prep_seconds": seconds[0],
+              "infer_seconds": seconds[1], "peak_memory_bytes": 1.0, "model_revision": None} for b in base.values()]
     scores = [{**base[s], "metric": m, "region": r, "value": float(v), "flag": None, "higher_is_better": False,
                "protocol": "diffeditor", "weights": "synthetic weights", "region_rule": "points",
                "mean_floor": math.nan} for s, m, r, v in rows]
@@ -241,37 +267,46 @@ def _write_job(run_dir: Path, method: str, rows: list[tuple[str, str, str, float
     pd.DataFrame(edits).to_parquet(folder / "edits.parquet")
 
 
-def test_table1_compares_the_68_point_rows_only(tmp_path):
-    """A run of the five methods: Landmark MSE (68 points) is each method's landmark_mse/68pt mean and
-    FID its fid; the time rows read the runner's seconds per edit; the 17-point rows say why they are not compared."""
+def test_table1_compares_both_settings(tmp_path):
+    """A run of the five methods at both parameter points of the experiment (point_subset all and
+    17pt, different scores and times): Landmark MSE (68 points) is each method's landmark_mse/68pt
+    mean of the all job and FID its fid; Landmark MSE (17 points) is landmark_mse/17pt of the 17pt
+    job and FID that job's fid; the time rows read the all job's seconds per edit; nothing is ambiguous."""
     run = tmp_path / "diffeditor_table1"
     n = 6
     noise = np.random.default_rng(16).standard_normal(n)
     noise -= noise.mean()  # exact means (to rounding)
     levels = {m: (10.0 + i, 30.0 + i) for i, m in enumerate(TABLE1)}
     for m, (mse, fid) in levels.items():
-        rows = [(f"face_{i}", "landmark_mse", "68pt", mse + noise[i]) for i in range(n)]
-        rows += [(f"face_{i}", "landmark_mse", "17pt", 2 * mse + noise[i]) for i in range(n)]
-        rows += [("face_0", "fid", "all", fid)]  # a set metric: one row
-        _write_job(run, m, rows)
+        for subset, k in (("all", 1.0), ("17pt", 5.0)):  # the 17pt job: other values everywhere
+            rows = [(f"face_{i}", "landmark_mse", "68pt", k * mse + noise[i]) for i in range(n)]
+            rows += [(f"face_{i}", "landmark_mse", "17pt", 2 * k * mse + noise[i]) for i in range(n)]
+            rows += [("face_0", "fid", "all", k * fid)]  # a set metric: one row
+            _write_job(run, m, rows, params={"point_subset": subset}, seconds=(k, 2 * k))
     res = compare(run, "diffeditor/table1")
+    assert "ambiguous" not in set(res.frame["status"])
     f = res.frame.set_index(["setting", "paper_method", "paper_metric"])
     paper = load_table("diffeditor/table1")
     for name, m in zip(TABLE1_NAMES, TABLE1):
         r = f.loc[("68 points", name, "Landmark MSE")]
         assert r["status"] == "compared" and r["method"] == m and r["region"] == "68pt" and r["n"] == n
+        assert r["params"] == "point_subset=all"
         assert r["ours_mean"] == pytest.approx(levels[m][0], abs=1e-9)
         published = float(paper[(paper.method == name) & (paper.metric == "Landmark MSE")
                                 & (paper.setting == "68 points")].value.iloc[0])
         assert r["published"] == published and r["delta"] == pytest.approx(levels[m][0] - published, abs=1e-9)
         assert f.loc[("68 points", name, "FID")]["ours_mean"] == pytest.approx(levels[m][1])
-        for metric in ("Landmark MSE", "FID"):
-            r17 = f.loc[("17 points", name, metric)]
-            assert r17["status"] == "not in this run" and r17["why"] == "method mapped for setting '68 points' / '' only"
+        r17 = f.loc[("17 points", name, "Landmark MSE")]
+        assert r17["status"] == "compared" and r17["region"] == "17pt" and r17["params"] == "point_subset=17pt"
+        assert r17["ours_mean"] == pytest.approx(2 * 5.0 * levels[m][0], abs=1e-9) and r17["n"] == n
+        f17 = f.loc[("17 points", name, "FID")]
+        assert f17["status"] == "compared" and f17["region"] == "all" and f17["params"] == "point_subset=17pt"
+        assert f17["ours_mean"] == pytest.approx(5.0 * levels[m][1])
         # the runner's seconds per edit (_write_job: 1 s preparation, 2 s inference)
         assert f.loc[("", name, "Preparing complexity")]["ours_mean"] == pytest.approx(1.0)
         assert f.loc[("", name, "Inference complexity")]["ours_mean"] == pytest.approx(2.0)
-    assert (res.frame["status"] == "compared").sum() == 20
+    assert (res.frame["status"] == "compared").sum() == 30  # all but the two no-edit reference numbers
+    assert set(res.frame.loc[res.frame.status != "compared", "paper_method"]) == {"Initial distance (no edit)"}
 
 
 def test_table2_pastes_only_with_paint_by_example(tmp_path):

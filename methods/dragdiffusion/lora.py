@@ -17,7 +17,8 @@ of the process). The training loop is the few lines above, written here.
 Differences from the official loop, both for cost, neither changes the distribution trained on:
 the source is VAE-encoded once and each step draws its posterior samples from that one encoding
 (the encoder is deterministic; the official code re-encodes the same image every step); the
-random draws come from the edit's seeded generator (the official code seeds torch globally).
+random draws come from the edit's seeded generator, and the adapter's initialisation from a global
+state seeded with that generator's seed (the official code seeds torch globally).
 """
 from __future__ import annotations
 
@@ -58,14 +59,26 @@ def lora_config(rank: int) -> Any:
 
 
 @contextlib.contextmanager
-def attached_lora(unet: Any, rank: int) -> Iterator[list["torch.Tensor"]]:
+def attached_lora(unet: Any, rank: int, seed: int | None = None) -> Iterator[list["torch.Tensor"]]:
     """Attach a fresh LoRA adapter to ``unet`` for the duration of the block; yields its trainable
     parameters. On exit the adapter layers are removed (``unload_lora``) and every base weight's
-    ``requires_grad`` and the train / eval mode are put back: the UNet is as it was."""
+    ``requires_grad`` and the train / eval mode are put back: the UNet is as it was.
+
+    peft draws the Gaussian down matrices from torch's global generator; with ``seed`` they are
+    drawn from a global state seeded with it (forked: the caller's global state is untouched), so
+    an edit's LoRA starts the same every time (the official code seeds torch globally)."""
+    import torch
+
     grads = {n: p.requires_grad for n, p in unet.named_parameters()}
     training = unet.training
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank), adapter_name=ADAPTER_NAME)
+    if seed is None:
+        unet.add_adapter(lora_config(rank), adapter_name=ADAPTER_NAME)
+    else:
+        dev = next(unet.parameters()).device
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(int(seed))
+            unet.add_adapter(lora_config(rank), adapter_name=ADAPTER_NAME)
     try:
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:

@@ -46,7 +46,9 @@ seeded generator; the edit is resized back to the source size bicubic (official:
 every adapter of the harness.
 
 Not specified by the paper (choices, each a parameter): ``prompt`` (the paper asks the user for a
-prompt; benchmark samples carry a ``source_caption``).
+prompt; benchmark samples carry a ``source_caption``); which 17 landmarks DiffEditor's 17-point
+setting drags (``point_subset``: ``all`` = every point of the sample, default; ``17pt`` = the jaw
+line 0-16 of a ``dlib68`` face, the harness's choice; :func:`methods._common.handle_points`).
 
 Costs: preparation = VAE encoding + LoRA fine-tuning + inversion; inference = latent optimisation
 + denoising + decoding. Network counts per edit: ``unet_lora_train`` ``lora_steps`` calls of
@@ -64,8 +66,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from harness.registry import METHODS
-from harness.types import MethodOutput, Sample, SkipSample
+from harness.types import MethodOutput, Sample, SampleError, SkipSample
 
+from .._common import check_point_subset, handle_points
 from .._diffusion_common import (TINY_STEPS, DiffusionMethod, _check_number, auto_field, check_choice,
                                  from_pipeline_output)
 
@@ -107,6 +110,9 @@ class DragDiffusion(DiffusionMethod):
         use_mask: bool = True  # the sample's mask as the editable region (run_drag: none drawn = no term)
         # not specified by the paper: the prompt (the user's in the UI)
         prompt: Literal["source_caption", "empty"] = "source_caption"
+        # the points dragged (methods/_common.py handle_points): all | 17pt / 68pt of a dlib68 face
+        # (DiffEditor sec. 4.2 / Table 1: 17- and 68-landmark dragging; which 17: not specified, jaw 0-16)
+        point_subset: str = "all"
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -139,6 +145,7 @@ class DragDiffusion(DiffusionMethod):
             _check_number(o, "start_step", self.start_step, 0, integer=True)
             _check_number(o, "start_layer", self.start_layer, 0, integer=True)
             check_choice(o, "prompt", self.prompt, PROMPTS)
+            check_point_subset(o, self.point_subset)
 
     @classmethod
     def pipeline_class(cls) -> type:
@@ -147,7 +154,12 @@ class DragDiffusion(DiffusionMethod):
         return StableDiffusionPipeline
 
     def check(self, sample: Sample) -> str | None:
-        return None  # the caption is optional (see ``prompt``); points are checked in edit()
+        # the caption is optional (see ``prompt``); the points themselves are checked in edit()
+        try:
+            handle_points(sample, self.params.point_subset)
+        except SampleError as e:
+            return f"method 'dragdiffusion': {e}"
+        return None
 
     def prompt_for(self, sample: Sample) -> str:
         if self.params.prompt == "empty" or sample.source_caption is None:
@@ -165,8 +177,12 @@ class DragDiffusion(DiffusionMethod):
         import torch
         import torch.nn.functional as F
 
-        src = np.asarray(sample.source_points, dtype=np.float64)
-        tgt = np.asarray(sample.target_points, dtype=np.float64)
+        try:
+            src_pts, tgt_pts = handle_points(sample, self.params.point_subset)
+        except SampleError as e:
+            raise SkipSample(str(e)) from e
+        src = np.asarray(src_pts, dtype=np.float64)
+        tgt = np.asarray(tgt_pts, dtype=np.float64)
         if src.ndim != 2 or src.shape[1] != 2 or src.shape != tgt.shape or len(src) == 0:
             raise SkipSample(f"source_points / target_points must be two lists of the same N >= 1 (x, y) points, "
                              f"got shapes {src.shape} and {tgt.shape}")
@@ -219,7 +235,10 @@ class DragDiffusion(DiffusionMethod):
             sf = float(vae.config.scaling_factor)
             z0 = (posterior.mean * sf).to(dev, dt)
             stage = lora.LoraStage(0, [], 0.0)
-            ctx = lora.attached_lora(unet, int(p.lora_rank)) if int(p.lora_steps) > 0 else _no_lora()
+            # the LoRA's initial down matrices from the edit's seed (peft draws them from torch's
+            # global generator): the same edit every time
+            ctx = (lora.attached_lora(unet, int(p.lora_rank), seed=generator.initial_seed()) if int(p.lora_steps) > 0
+                   else _no_lora())
             with ctx as params:
                 if params:
                     stage = lora.train_lora(unet, params, pipe.scheduler, posterior, text, int(p.lora_steps),
@@ -296,7 +315,7 @@ class DragDiffusion(DiffusionMethod):
     def edit(self, sample: Sample, seed: int) -> MethodOutput:
         """Preparation = encoding + LoRA + inversion; inference = optimisation + denoising + decoding."""
         start = self.begin_edit(sample, seed)
-        self._inputs = self.drag_inputs(sample, start.source_hw, start.size)
+        self._inputs = inputs = self.drag_inputs(sample, start.source_hw, start.size)
         prompt = self.prompt_for(sample)
         try:
             out = self.call_pipeline(start.loaded.pipeline, start.image, prompt, start.generator)
@@ -304,7 +323,7 @@ class DragDiffusion(DiffusionMethod):
             self._inputs = None
         edited = from_pipeline_output(out.images, start.source_hw)
         info = self.edit_info(start, seed, out.prep_end - start.t0, prompt_field=self.prompt_field, prompt=prompt,
-                              **out.info)
+                              dragged_points=int(len(inputs["handles"])), **out.info)
         return MethodOutput(image=edited, info=info)
 
     def extra_info(self) -> dict[str, Any]:
@@ -312,7 +331,7 @@ class DragDiffusion(DiffusionMethod):
         return {name: getattr(p, name) if not isinstance(getattr(p, name), tuple) else list(getattr(p, name))
                 for name in ("inversion_strength", "lora_steps", "lora_lr", "lora_batch_size", "lora_rank",
                              "n_pix_step", "latent_lr", "lam", "r_m", "r_p", "unet_feature_idx", "sup_res_factor",
-                             "mutual_self_attention", "start_step", "start_layer", "use_mask", "prompt")}
+                             "mutual_self_attention", "start_step", "start_layer", "use_mask", "prompt", "point_subset")}
 
 
 class _no_lora:

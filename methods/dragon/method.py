@@ -20,6 +20,7 @@ rollbacks), ``estimator`` (the guidance's second UNet), ``image_encoder`` and ``
 (DiffEditor), ``text_encoder``, ``vae_encode`` / ``vae_decode``.
 
 Not specified by the paper (parameters; defaults from the code, ``conf/method/*.yaml`` cites each):
+which 17 landmarks DiffEditor's 17-point setting drags (``point_subset: 17pt`` = the jaw line 0-16);
 the step windows for a step count other than the code's 50 (evaluated at ``j = i * 50 // T``);
 the image prompt's step window (10 <= i < 20) and gamma (0.1, face 0.05); the memory-bank windows
 (i >= 5; mix i <= 35); the energy scales and weights per task (demo values); the reference's prompt
@@ -85,6 +86,10 @@ class DragonMethod(DiffusionMethod):
         dy: float = 0.0
         prompt: str | None = None
         face_prompt: str = "a photo of a human face"
+        # drag / face: the points dragged (methods/_common.py handle_points): all, or 17pt / 68pt of a
+        # dlib68 face (DiffEditor sec. 4.2 / Table 1: 17- and 68-landmark dragging; which 17 is not
+        # specified by the paper: the jaw line 0-16 is the harness's choice)
+        point_subset: str = "all"
         # -- energy guidance --
         energy_scale: float | None = None  # None: the demo's per-task value x 1e3 (ENERGY_SCALES)
         regional_guidance: bool = True  # DiffEditor Eq. 8; DragonDiffusion: plain sum
@@ -196,8 +201,12 @@ class DragonMethod(DiffusionMethod):
     def check(self, sample: Sample) -> str | None:
         from .tasks import task_kind
 
+        from .._common import handle_points
+
         try:
-            task_kind(sample, self.params.task)
+            kind = task_kind(sample, self.params.task)
+            if kind in ("face", "drag"):
+                handle_points(sample, self.params.point_subset)
         except (SampleError, ValueError) as e:
             return f"method '{self.name}': {e}"
         return None
@@ -315,7 +324,8 @@ class DragonMethod(DiffusionMethod):
         image = from_pipeline_output(u8.astype(np.float32) / 255.0, start.source_hw)
         info = self.edit_info(
             start, seed, prep,
-            algorithm=self.algorithm, task=task.kind, prompt=task.prompt, memory_bank_mode=task.memory_bank,
+            algorithm=self.algorithm, task=task.kind, prompt=task.prompt, point_subset=p.point_subset,
+            dragged_points=0 if task.source_points is None else int(len(task.source_points)), memory_bank_mode=task.memory_bank,
             memory_bank_entries=len(inv.bank) if inv.bank is not None else 0,
             memory_bank_bytes=inv.bank.nbytes() if inv.bank is not None else 0,
             memory_bank_device=inv.bank.device() if inv.bank is not None else None,

@@ -23,6 +23,9 @@ Per task (sample fields -> task; ``task`` parameter overrides):
   the target of each point (``process_drag``); ``m_edit`` = the mask; the content region is
   outside it. :func:`init_latent` copies each handle's 3x3 latent patch to its target
   (``process_drag`` edits ``latent_in`` in place).
+* face and drag take their points through ``point_subset`` (:func:`methods._common.handle_points`:
+  ``all``, or ``17pt`` / ``68pt`` of a ``dlib68`` face: DiffEditor Table 1's 17- and 68-landmark
+  settings); move always uses every pair.
 * ``move`` (category ``move``, mask + drag points or params dx, dy): the object is shifted by
   the mean point offset (``run_move`` uses the first pair; the harness's ``move`` method uses the
   mean: identical for one pair). ``process_move`` masks; ``m_edit`` (regional SDE) = object
@@ -70,8 +73,9 @@ from typing import Any, Mapping
 import cv2
 import numpy as np
 
-from harness.metrics.landmarks import POINT_SETS
 from harness.types import Sample, SampleError
+
+from .._common import POINT_SUBSETS, handle_points
 
 TASK_KINDS = ("drag", "face", "move", "paste", "appearance")
 #: memory-bank mode of each task (src/unet/attention_processor.py via Sampler.edit's ``mode``)
@@ -105,9 +109,10 @@ class TaskParams:
     dx, dy: move offset in source pixels when the sample has no points (0: none).
     prompt: the text prompt (``None``: the sample's ``source_caption``, else ``""``); face tasks
         always use ``face_prompt`` (run_drag_face).
-    point_subset: drag / face: the points that guide the edit: ``"all"`` or a named set of
-        :data:`harness.metrics.landmarks.POINT_SETS` (``"17pt"``: the jaw line 0-16, DiffEditor
-        Table 1's 17-point setting as the harness defines it; ``"68pt"``).
+    point_subset: drag / face: the points that guide the edit (:func:`methods._common.handle_points`):
+        ``"all"`` or a named set of :data:`harness.metrics.landmarks.POINT_SETS` of a ``dlib68``
+        sample (``"17pt"``: the jaw line 0-16, DiffEditor Table 1's 17-point setting as the
+        harness defines it; ``"68pt"``).
     """
 
     task: str = "auto"
@@ -145,9 +150,8 @@ class TaskParams:
             raise ValueError(f"dragon task: 'move_init' must be one of {list(MOVE_INIT_CHOICES)}, got {self.move_init!r}")
         if isinstance(self.feature_cell, bool) or not isinstance(self.feature_cell, (int, np.integer)) or self.feature_cell < 1:
             raise ValueError(f"dragon task: 'feature_cell' must be an integer >= 1, got {self.feature_cell!r}")
-        if self.point_subset != "all" and self.point_subset not in POINT_SETS:
-            raise ValueError(f"dragon task: 'point_subset' must be 'all' or one of {sorted(POINT_SETS)}, "
-                             f"got {self.point_subset!r}")
+        if self.point_subset not in POINT_SUBSETS:
+            raise ValueError(f"dragon task: 'point_subset' must be one of {list(POINT_SUBSETS)}, got {self.point_subset!r}")
         if not (isinstance(self.resize_scale, (int, float)) and math.isfinite(self.resize_scale) and self.resize_scale > 0):
             raise ValueError(f"dragon task: 'resize_scale' must be a finite number > 0, got {self.resize_scale!r}")
 
@@ -272,8 +276,9 @@ def task_kind(sample: Sample, task: str | None = None) -> str:
 # --------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------
-def _points(sample: Sample, field: str) -> np.ndarray:
-    p = getattr(sample, field)
+def _points(sample: Sample, field: str, value: Any = None) -> np.ndarray:
+    """``value`` (default: the sample's ``field``) checked as (N, 2) finite points inside the source."""
+    p = getattr(sample, field) if value is None else value
     try:
         a = np.asarray(p, dtype=np.float64)
     except (TypeError, ValueError):
@@ -291,9 +296,12 @@ def _points(sample: Sample, field: str) -> np.ndarray:
     return a
 
 
-def _point_pairs(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-    sp = _points(sample, "source_points")
-    tp = _points(sample, "target_points")
+def _point_pairs(sample: Sample, subset: str = "all") -> tuple[np.ndarray, np.ndarray]:
+    """The checked (source, target) points the edit uses: the ``subset`` of
+    :func:`methods._common.handle_points` (``"all"``: every point)."""
+    src, tgt = handle_points(sample, subset)
+    sp = _points(sample, "source_points", src)
+    tp = _points(sample, "target_points", tgt)
     if sp.shape != tp.shape:
         raise SampleError(sample.id, "target_points",
                           f"{len(tp)} target point(s) for {len(sp)} source point(s); the counts must match")
@@ -395,13 +403,7 @@ def build_task(sample: Sample, source: Any, *, params: Any = None) -> DragonTask
     to_work = np.array([sx, sy])
 
     if kind in ("face", "drag"):
-        sp, tp = _point_pairs(sample)
-        if p.point_subset != "all":
-            idx = POINT_SETS[p.point_subset]
-            if max(idx) >= len(sp):
-                raise SampleError(sample.id, "source_points", f"point_subset '{p.point_subset}' needs point {max(idx)}; "
-                                                              f"the sample has {len(sp)} points")
-            sp, tp = sp[list(idx)], tp[list(idx)]
+        sp, tp = _point_pairs(sample, p.point_subset)
         sp_w, tp_w = sp * to_work, tp * to_work
         handles = _cells(sp_w, feat_hw, cell)
         targets = _cells(tp_w, feat_hw, cell)

@@ -13,8 +13,11 @@ row then says RANDOM WEIGHTS. Missing files skip every sample with a message nam
 Images: the source is resized (bicubic) to the generator's square resolution and scaled to
 [-1, 1]; the edit is synthesised there and resized (bicubic) back to the source size. Points
 (``(x, y)`` source pixels) are scaled by ``resolution / width`` and ``resolution / height``.
-Real faces for an FFHQ generator should be FFHQ-aligned first (the DiffEditor benchmark's faces
-are: ``point_layout`` dlib68 on aligned CelebA-HQ); the adapters do not align.
+Which points are dragged: ``point_subset`` (:meth:`GanEditMethod.drag_points`: ``all``, or ``17pt`` /
+``68pt`` of a ``dlib68`` face: DiffEditor Table 1's 17- and 68-landmark settings; which 17 is not
+specified by the paper: the jaw line 0-16 is our choice). Real faces for an FFHQ generator should be
+FFHQ-aligned first (the DiffEditor benchmark's faces are: ``point_layout`` dlib68 on aligned
+CelebA-HQ); the adapters do not align.
 """
 from __future__ import annotations
 
@@ -28,8 +31,9 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from harness.method import Method
-from harness.types import Sample
+from harness.types import Sample, SampleError
 
+from .._common import check_point_subset, handle_points
 from .._diffusion_common import RANDOM_WEIGHTS_TAG, _check_number, auto_field, check_choice, resolve_auto
 from ..diffusion import counting
 from ..diffusion.loading import DEVICES, MissingWeights, resolve_device
@@ -97,10 +101,14 @@ class GanEditMethod(Method):
         tune_lr: float = 3e-4  # PTI pti_learning_rate
         tune_l2_weight: float = 1.0  # PTI pt_l2_lambda
         tune_lpips_threshold: float = 0.06  # PTI LPIPS_value_threshold
+        # the points dragged (methods/_common.py handle_points): all | 17pt / 68pt of a dlib68 face
+        # (DiffEditor sec. 4.2 / Table 1: 17- and 68-landmark dragging; which 17: not specified, jaw 0-16)
+        point_subset: str = "all"
 
         def __post_init__(self) -> None:
             resolve_auto(self)
             owner = "GAN method"
+            check_point_subset(owner, self.point_subset)
             check_choice(owner, "backbone", self.backbone, BACKBONES)
             check_choice(owner, "device", self.device, DEVICES)
             check_choice(owner, "inversion_space", self.inversion_space, ("w", "w_plus"))
@@ -217,8 +225,17 @@ class GanEditMethod(Method):
         return self._loaded
 
     # -- samples ----------------------------------------------------------------------------
+    def drag_points(self, sample: Sample) -> tuple[Any, Any]:
+        """The (source, target) points this method drags: ``point_subset`` of the sample's points
+        (:func:`methods._common.handle_points`); a sample that has no such subset raises
+        :class:`SampleError` naming the sample and the field."""
+        return handle_points(sample, self.params.point_subset)
+
     def check(self, sample: Sample) -> str | None:
-        src, tgt = sample.source_points, sample.target_points
+        try:
+            src, tgt = self.drag_points(sample)
+        except SampleError as e:
+            return f"method '{self.name}': {e}"
         for field, pts in (("source_points", src), ("target_points", tgt)):
             a = np.asarray(pts, dtype=np.float64) if pts is not None else None
             if a is None or a.ndim != 2 or a.shape[1] != 2 or len(a) == 0:
