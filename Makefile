@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench wheel clean
+.PHONY: install demo test bench bench-slurm wheel clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get install -y -q chromium >/dev/null 2>&1 || echo "note: apt-get install chromium failed; the browser test will be skipped"; \
 	fi
+	# The SLURM tests start a single-node cluster (tests/test_slurm.py, ci/slurm/): Debian's slurm-wlm
+	# and munge, installed here when running as root with apt; without them those tests are skipped.
+	@bash ci/slurm/setup.sh >/dev/null 2>&1 || echo "note: slurm-wlm/munge not installed (needs root and apt-get); the SLURM tests will be skipped"
 	touch $@
 
 demo: install
@@ -32,6 +35,10 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_overhead.py
 	$(PY) benchmarks/bench_rerun.py
+
+# A 10,000-sample sharded sweep on a local single-node SLURM (ci/slurm/) against one process.
+bench-slurm: install
+	$(PY) benchmarks/bench_slurm.py
 
 # build/ first: setuptools would put a stale build/lib module into the wheel.
 wheel: install

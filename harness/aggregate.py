@@ -60,7 +60,8 @@ def _as_dirs(run_dirs: str | Path | Iterable[str | Path]) -> list[Path]:
 
 
 def find_jobs(run_dir: str | Path) -> list[Path]:
-    """The job folders of a run dir (those holding a scores or edits table), sorted by name."""
+    """The job folders of a run dir (those holding a scores or edits table), sorted by name; the
+    shards of a sharded job each have one (``<job>~shard<i>of<n>``, harness.merge)."""
     jobs = Path(run_dir) / "jobs"
     if not jobs.is_dir():
         return []
@@ -88,6 +89,15 @@ def _concat(frames: list[pd.DataFrame], sort: Sequence[str]) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
     df = pd.concat(frames, ignore_index=True)
+    for c in df.columns:
+        # A text column that is all null in one job's table reads back as object, as a string
+        # column elsewhere: concatenated, the column would be object. Give it the string dtype,
+        # so the shards of a job concatenate to the unsharded job's table.
+        if df[c].dtype == object:
+            kinds = [f[c].dtype for f in frames if c in f.columns and isinstance(f[c].dtype, pd.StringDtype)]
+            if kinds and all(f[c].isna().all() for f in frames
+                             if c in f.columns and not isinstance(f[c].dtype, pd.StringDtype)):
+                df[c] = df[c].astype(kinds[0])
     keys = [c for c in sort if c in df.columns]
     return df.sort_values(keys, kind="mergesort", na_position="last").reset_index(drop=True)
 
@@ -99,6 +109,8 @@ def load_run(run_dirs: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame,
     scores, metric and region; then seed and edit key). Raises ``FileNotFoundError`` when a
     dir holds no jobs.
     """
+    from .merge import check_no_doubles, merged_set_rows, sharded_jobs
+
     score_frames: list[pd.DataFrame] = []
     edit_frames: list[pd.DataFrame] = []
     for d in _as_dirs(run_dirs):
@@ -108,13 +120,23 @@ def load_run(run_dirs: str | Path | Iterable[str | Path]) -> tuple[pd.DataFrame,
                 f"{d}: no jobs found (expected {d}/jobs/<job_id>/scores.parquet and edits.parquet); "
                 "is this a run directory, and has a job finished in it?"
             )
+        # A sharded job (folders jobs/<job>~shard<i>of<n>) counts only when all its shards are
+        # there and finished (harness.merge raises ShardError naming what is missing).
+        groups = sharded_jobs(d)
+        run_edits: list[pd.DataFrame] = []
         for j in jobs:
             s = _read(j / "scores.parquet", SCORE_REQUIRED)
             if s is not None:
                 score_frames.append(s)
             e = _read(j / "edits.parquet", EDIT_REQUIRED)
             if e is not None:
-                edit_frames.append(e)
+                run_edits.append(e)
+        if groups:
+            check_no_doubles(pd.concat(run_edits, ignore_index=True) if run_edits else None, groups)
+            sets = merged_set_rows(groups)  # the set metrics (FID, KID) over all shards of each job
+            if len(sets):
+                score_frames.append(sets)
+        edit_frames += run_edits
     scores = _concat(score_frames, SCORE_SORT)
     for c in SCORE_REQUIRED:
         if c not in scores.columns:

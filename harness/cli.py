@@ -444,7 +444,14 @@ def check_jobs(overrides: Sequence[str], multirun: bool) -> Jobs | None:
                 return None
             params = OmegaConf.select(master, "hydra.sweeper.params") or {}
             try:
-                grid = parser.parse_overrides([f"{k}={v}" for k, v in params.items()] + overrides)
+                from .merge import expand_shards
+
+                # an experiment's sweep may hold dataset.shards: N (expanded by our sweeper alike)
+                fixed_params = expand_shards([f"{k}={v}" for k, v in params.items()])
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            try:
+                grid = parser.parse_overrides(fixed_params + overrides)
                 points = BasicSweeper.split_arguments(grid, None)[0]
             except HydraException as e:
                 raise UsageError(_one_line(e)) from None
@@ -547,7 +554,8 @@ config groups (GROUP=OPTION):
 method parameters (method.NAME=VALUE; `edit-harness list` lists every method's):
 {params}
 
-dataset keys: dataset.limit=N (first N samples), dataset.shard=i/n (every n-th from i),
+dataset keys: dataset.limit=N (first N samples), dataset.shard=i/n (the samples whose id
+  hashes to shard i of n), dataset.shards=N (with -m: one job per shard; the report merges them),
   dataset.ids=[a,b] (these samples), dataset.root=PATH (the dataset's folder)
 other keys (KEY=VALUE): {keys}
 
@@ -557,6 +565,7 @@ examples:
   edit-harness run -m method=inpaint,recolor dataset.limit=4 run_name=try
   edit-harness run -m method=recolor method.strength=0,0.5,1
   edit-harness run -m hydra/launcher=joblib hydra.launcher.n_jobs=2 method=identity,inpaint
+  edit-harness run -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu method=identity,inpaint dataset.shards=8
   edit-harness run experiment=default
 
 Hydra's own options (--cfg job, --info, ...): edit-harness run --hydra-help
@@ -673,9 +682,15 @@ def _duration(seconds: float) -> str:
 # report / score / validate / list
 # ----------------------------------------------------------------------------------------------
 def report_run(
-    run_dirs: Sequence[Path], out_dir: Path, per_category: bool = True, force: bool = False, quiet: bool = False
+    run_dirs: Sequence[Path], out_dir: Path, per_category: bool = True, force: bool = False, quiet: bool = False,
+    strict: bool = False,
 ) -> dict[str, Path] | None:
     """Write tables and plots for run dirs; skipped when the stored scores have not changed.
+
+    A run whose sharded jobs are incomplete (a shard still running, or one that died) gets no
+    report: with ``strict`` the :class:`harness.merge.ShardError` is raised (``edit-harness
+    report``), else its message is printed and None returned (the end of one shard's job, or of
+    a sweep that ran some shards only).
 
     The report is a pure function of the jobs' tables, so a digest of those files (and the
     report options) written beside the report tells whether it is up to date. Prints where the
@@ -710,9 +725,16 @@ def report_run(
         if not quiet:
             print(f"report in {out_dir} is up to date")
         return None
+    from .merge import ShardError
     from .report import write_report
 
-    files = write_report([Path(d) for d in run_dirs], out_dir, per_category=per_category)
+    try:
+        files = write_report([Path(d) for d in run_dirs], out_dir, per_category=per_category)
+    except ShardError as e:
+        if strict:
+            raise
+        print(f"report not built: {e}", file=sys.stderr)
+        return None
     save_bytes(stamp, digest.encode())
     if not quiet:
         print(f"report written to {out_dir}")
@@ -752,7 +774,8 @@ def _cmd_report(argv: Sequence[str]) -> int:
     for d in a.run_dirs:
         if not (d / "jobs").is_dir():
             raise UsageError(f"{d} is not a run directory (it has no jobs/ folder)")
-    report_run(a.run_dirs, a.out or default_report_dir(a.run_dirs), per_category=not a.no_per_category, force=True)
+    report_run(a.run_dirs, a.out or default_report_dir(a.run_dirs), per_category=not a.no_per_category, force=True,
+               strict=True)
     return 0
 
 
@@ -1158,6 +1181,18 @@ def _run(rest: list[str]) -> int:
         return 0
     precheck(rest)
     multirun = any(f in _MULTIRUN_FLAGS for f in flags)
+    # dataset.shards=N: the sweep of its N shards, dataset.shard=0/N,...,N-1/N (harness.merge)
+    from .merge import SHARDS_KEY, expand_shards
+
+    if any(_override_key(o) == SHARDS_KEY for o in overrides):
+        if not multirun:
+            raise UsageError(f"{SHARDS_KEY}=N runs one job per shard: add -m (or run one shard with dataset.shard=i/N)")
+        try:
+            expanded = expand_shards(overrides)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        rest = [*flags, *expanded]
+        overrides = expanded
     if any(f not in _MULTIRUN_FLAGS for f in flags):
         # --cfg, --info, -cn ...: Hydra's own modes, which run no job of this command line's
         return _hydra_run(rest)
@@ -1188,6 +1223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # flush at exit must not write to the closed pipe again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    except Exception as e:
+        from .merge import ShardError
+
+        if not isinstance(e, ShardError):
+            raise
+        # a run whose shards are incomplete or doubled: what is missing and how to finish it
+        print(f"edit-harness: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

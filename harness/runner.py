@@ -10,6 +10,11 @@ Nothing one sample holds ends a job: a sample that cannot be decoded, a method w
 or ``edit`` raises, and an input file that disappears before scoring each become a failed row
 (or NaN score rows flagged ``error:...``) naming the sample and the field.
 
+Shards: a job with ``dataset.shard=i/n`` edits the samples whose id hashes to shard i; its tables
+carry the unsharded job's id and go to ``jobs/<job id>~shard<i>of<n>/``, and set metrics store
+their features there instead of a value; :mod:`harness.merge` checks a run's shards are complete
+and combines them when the run's tables are read.
+
 Progress: on a terminal, tqdm bars (edits; scores, advancing per edit and metric and naming the
 metric being computed); elsewhere (a log file, CI) a few plain lines on stderr instead.
 """
@@ -36,6 +41,7 @@ import numpy as np
 
 from .cache import EditRecord, EditStore, edit_key, stable_hash
 from .data import SampleRef, open_dataset
+from .data.generic import shard_of_config, shard_folder_name
 from .fileio import save_bytes, save_json
 from .images import DECODE_DIFFERS, decode_options
 from .method import Method
@@ -325,21 +331,30 @@ class Job:
                                              if k not in self.method.location_params})
         self.run_dir = Path(cfg.results_dir) / cfg.run_name
         self.store = EditStore(cfg.cache_dir or (self.run_dir / "edits"))
+        #: (i, n) for shard i of n (``dataset.shard``), else None
+        self.shard = shard_of_config(cfg.dataset)
+        # where the dataset lives is not part of the job: the same job run from another copy of
+        # the dataset (another machine) gets the same id and identical tables; nor is the shard:
+        # every shard of a job carries the id of the unsharded job (whose config has shard: null),
+        # so that the merged shard tables equal the unsharded job's (harness.merge)
+        dataset_id = {k: v for k, v in dict(cfg.dataset).items() if k != "root"}
+        if dataset_id.get("shard") is not None:
+            dataset_id["shard"] = None
         job_hash = stable_hash(
             {
                 "params": self.params,
                 "version": self.method.version,
                 "seed": cfg.seed,
-                # where the dataset lives is not part of the job: the same job run from another
-                # copy of the dataset (another machine) gets the same id and identical tables
-                "dataset": {k: v for k, v in dict(cfg.dataset).items() if k != "root"},
+                "dataset": dataset_id,
                 "protocol": self.suite.protocol if self.suite else None,
             },
             8,
         )
         safe = lambda x: re.sub(r"[^A-Za-z0-9_.-]+", "_", x)  # noqa: E731  (a folder name)
         self.job_id = f"{safe(self.method.label())}-{safe(self.dataset.name)}-{job_hash}"
-        self.job_dir = self.run_dir / "jobs" / self.job_id
+        # a shard's tables go to a folder of their own: <job id>~shard<i>of<n>
+        self.job_dir = self.run_dir / "jobs" / (self.job_id if self.shard is None
+                                                 else shard_folder_name(self.job_id, *self.shard))
         self._prepared = False
         self._prepare_error: str | None = None
         self.load_seconds = 0.0
@@ -577,7 +592,10 @@ class Job:
         from .metrics.base import ScoringItem
 
         assert self.suite is not None
-        ok = [(ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK and _scored(ref)]
+        # in sample-id order: a set's value then does not depend on the dataset's listing order,
+        # and the shards of a job replay their features in this same order (harness.merge)
+        ok = sorted(((ref, key, rec) for ref, key, rec in records if rec.status == EditStatus.OK and _scored(ref)),
+                    key=lambda t: t[0].id)
         out: list[tuple[str, ScoreValue]] = []
         for entry in self.suite.set_entries:
             set_key = stable_hash({"metric": entry.hash, "edits": sorted(k for _, k, _ in ok)})
@@ -706,6 +724,8 @@ class Job:
                 "protocol": self.suite.protocol if self.suite else None,
                 "decode": self.decode if self.suite else None,
                 "seed": self.cfg.seed,
+                "shard": None if self.shard is None else {"index": self.shard[0], "count": self.shard[1],
+                                                          "job": self.job_id},
                 "versions": _versions(),
                 "git_revision": _git_revision(),
                 "host": _host(),
@@ -722,7 +742,14 @@ class Job:
             raise DatasetError(e.args[0] if isinstance(e, KeyError) and e.args else str(e)) from e
         records, computed, cached = self.edit_all(refs)
         scores, scored = self.score_all(records) if self.suite else (None, 0)
-        set_scores = self.score_sets(records) if self.suite and self.suite.set_entries else None
+        set_scores = None
+        if self.suite and self.suite.set_entries:
+            if self.shard is None:
+                set_scores = self.score_sets(records)
+            else:  # a shard stores its part of each set (features); the merge computes the value
+                from .merge import write_set_parts
+
+                write_set_parts(self, records)
         self.write_tables(records, scores, set_scores)
         counts = {s.value: 0 for s in EditStatus}
         for _, _, rec in records:
@@ -817,6 +844,7 @@ def run_job(cfg: Mapping[str, Any], resolved: Mapping[str, Any] | None = None) -
 
 
 def job_dirs(run_dirs: Iterable[str | Path]) -> list[Path]:
+    """Job folders holding a scores table (a shard's folder among them), sorted by path."""
     out = []
     for d in run_dirs:
         out.extend(sorted((Path(d) / "jobs").glob("*/scores.parquet")))

@@ -1,6 +1,8 @@
 """The MagicBrush test-set loader: layout, single-turn vs multi-turn samples, masks, a whole run."""
 from __future__ import annotations
 
+import hashlib
+
 import json
 from pathlib import Path
 
@@ -141,7 +143,12 @@ def test_feed_previous_replaces_the_source(mbb):
 def test_subsets_single_turn(mbb):
     ds = lambda **kw: open_dataset(mbb.config(setting="single_turn", **kw))  # noqa: E731
     assert [r.id for r in ds(limit=2).refs()] == ["101_1", "101_2"]
-    assert [r.id for r in ds(shard="1/4").refs()] == ["101_2", "303_2"]
+    # single turn too: a turn's shard is its session's (the session id's sha1 mod n), so an image's
+    # turns share a shard
+    every = [r.id for r in ds().refs()]
+    for i in range(4):
+        assert [r.id for r in ds(shard=f"{i}/4").refs()] == [
+            t for t in every if int(hashlib.sha1(t.split("_")[0].encode()).hexdigest(), 16) % 4 == i]
     assert [r.id for r in ds(ids=["303_2", "101_2"]).refs()] == ["101_2", "303_2"]
     assert [r.id for r in ds(ids=["303"]).refs()] == ["303_1", "303_2"]
     with pytest.raises(KeyError, match="nope"):
@@ -153,8 +160,11 @@ def test_subsets_single_turn(mbb):
 def test_subsets_multi_turn_keep_sessions_whole(mbb):
     ds = lambda **kw: open_dataset(mbb.config(setting="multi_turn", **kw))  # noqa: E731
     assert [r.id for r in ds(limit=2).refs()] == ["101_1", "101_2", "101_3", "202_1"]
-    assert [r.id for r in ds(shard="0/2").refs()] == ["101_1", "101_2", "101_3", "303_1", "303_2"]
-    assert [r.id for r in ds(shard="1/2").refs()] == ["202_1"]
+    # multi turn: a session's turns stay together, sharded by the session id's sha1 mod n
+    every = [r.id for r in ds().refs()]
+    for i in range(2):
+        assert [r.id for r in ds(shard=f"{i}/2").refs()] == [
+            t for t in every if int(hashlib.sha1(t.split("_")[0].encode()).hexdigest(), 16) % 2 == i]
     # a self-fed turn needs the turns before it
     assert [r.id for r in ds(ids=["101_2"]).refs()] == ["101_1", "101_2"]
     assert [r.id for r in ds(ids=["303", "202_1"]).refs()] == ["202_1", "303_1", "303_2"]

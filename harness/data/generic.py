@@ -475,23 +475,62 @@ def subset_params(name: str, limit: int | None, shard: str | None,
     return limit, _parse_shard(shard, name), (list(ids) if ids else None)
 
 
+def shard_index(key: str, n: int) -> int:
+    """The shard (0..n-1) of a sample or session id: sha1 of the UTF-8 id, as an integer, mod n.
+
+    A function of the id alone (not of Python's per-process ``hash``, nor of the dataset's
+    order), so a sample lands in the same shard in every run, on every machine, whatever order
+    the dataset lists it in, and the shards of a run partition its samples."""
+    return int.from_bytes(hashlib.sha1(str(key).encode("utf-8")).digest(), "big") % int(n)
+
+
+def unit_key(unit: Any) -> str:
+    """The id a selection unit is sharded by: a ref's id; for a group of refs that stay together
+    (a multi-turn session) its ``session`` (the records' common ``session`` field), else its
+    first ref's id."""
+    if isinstance(unit, (list, tuple)):
+        if not unit:
+            return ""
+        rec = unit[0].record if isinstance(unit[0].record, Mapping) else {}
+        session = rec.get("session")
+        return str(session) if isinstance(session, str) and session else unit[0].id
+    return unit.id
+
+
 def select_refs(units: list, name: str, ids: list[str] | None, shard: tuple[int, int] | None,
                 limit: int | None) -> list:
-    """The subset every loader offers: ``ids`` (each must exist), then every n-th from i
-    (``shard``), then the first ``limit``. ``units`` are refs, or (with ``ids=None``) groups of
-    refs that must stay together, such as a multi-turn session."""
+    """The subset every loader offers: ``ids`` (each must exist), then the first ``limit``, then
+    the units of shard ``i`` of ``n`` (``shard``: :func:`shard_index` of the unit's id, see
+    :func:`unit_key`). ``units`` are refs, or (with ``ids=None``) groups of refs that must stay
+    together, such as a multi-turn session, which are sharded whole.
+
+    The limit comes before the shard so that the ``n`` shards of a job partition exactly the
+    samples the unsharded job has (``dataset.limit=100 dataset.shards=4``: the same 100)."""
     if ids is not None:
         wanted = set(ids)
         missing = wanted - {r.id for r in units}
         if missing:
             raise KeyError(f"dataset '{name}' has no sample(s) {sorted(missing)}")
         units = [r for r in units if r.id in wanted]
-    if shard is not None:
-        i, n = shard
-        units = units[i::n]
     if limit is not None:
         units = units[:limit]
+    if shard is not None:
+        i, n = shard
+        units = [u for u in units if shard_index(unit_key(u), n) == i]
     return units
+
+
+#: A shard's job folder: ``<job id>~shard<i>of<n>`` (harness.runner, harness.merge)
+SHARD_FOLDER_RE = re.compile(r"(?P<job>.+)~shard(?P<i>\d+)of(?P<n>\d+)")
+
+
+def shard_folder_name(job_id: str, i: int, n: int) -> str:
+    return f"{job_id}~shard{i:0{len(str(n - 1))}d}of{n}"
+
+
+def shard_of_config(dataset: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(i, n) of a dataset config's ``shard`` ("i/n"), None when it has none."""
+    return _parse_shard(dict(dataset).get("shard"), str(dict(dataset).get("name", "?")))
 
 
 def _parse_shard(shard: str | None, name: str) -> tuple[int, int] | None:

@@ -65,6 +65,15 @@ Statistics (streaming, constant memory)
     smaller side and the rows get flag ``subset_size=<m>``.
     Fewer than 2 edits or 2 reference images: NaN rows flagged ``too_few`` (a covariance, and the
     unbiased MMD, need 2 samples).
+
+Shards (``dataset.shard=i/n``, harness.merge)
+    A shard of a job does not compute the set's value: between :meth:`begin_log` and
+    :meth:`take_log` it keeps what :meth:`update` saw (each edit's float32 feature row, its
+    reference image's content hash, each new reference image's features), which the runner stores
+    in the shard's folder. The merge puts every shard's rows in the order an unsharded job streams
+    its set (sample id order) and :meth:`replay` feeds them in the same batches, so the float64
+    sums, and so FID (and KID's reservoir and subsets), are those of the unsharded job. A reference
+    image shared by samples of different shards counts once, as unsharded.
 """
 from __future__ import annotations
 
@@ -390,6 +399,44 @@ class InceptionSetMetric(SetMetric):
         self._edits = self._stats(0)
         self._ref = self._stats(1)
         self._seen_refs: set[str] = set()
+        self._log: dict[str, Any] | None = None
+
+    # -- shards: a shard logs its features, the merge replays every shard's in one order ---------
+    def begin_log(self) -> None:
+        """From now until :meth:`take_log`, keep what :meth:`update` sees: each edit's feature row,
+        the content hash of its reference image ('' for none) and each new reference image's
+        features. A shard of a sharded job stores this (harness.merge.write_set_parts)."""
+        self._log = {"edit": [], "ref_hash": [], "ref_rows": {}}
+
+    def take_log(self) -> dict[str, Any]:
+        """The log since :meth:`begin_log`: ``edit`` (N x D float32), ``ref_hash`` (N strings),
+        ``ref_rows`` (hash -> D features of each reference image seen)."""
+        log, self._log = self._log, None
+        if log is None:
+            raise RuntimeError(f"metric '{self.name}': take_log() without begin_log()")
+        edit = np.concatenate(log["edit"]) if log["edit"] else np.zeros((0, FEATURE_DIM), np.float32)
+        return {"edit": edit, "ref_hash": list(log["ref_hash"]), "ref_rows": dict(log["ref_rows"])}
+
+    def replay(self, edit_rows: np.ndarray, ref_hashes: Sequence[str], ref_rows: dict[str, np.ndarray],
+               batch_size: int) -> list[ScoreValue]:
+        """The set's values from logged features (every shard's, in the unsharded job's order),
+        fed in batches of ``batch_size`` exactly as :meth:`update` adds them in an unsharded job:
+        the same rows, the same float64 sums in the same order, so the same value (FID, and KID's
+        reservoir and subsets). The reference side counts each image (content hash) once."""
+        self.reset()
+        edit_rows = np.asarray(edit_rows)
+        for start in range(0, edit_rows.shape[0], int(batch_size)):
+            self._edits.add(edit_rows[start : start + batch_size])
+            if self.reference_dir is not None:
+                continue
+            new: list[str] = []
+            for h in ref_hashes[start : start + batch_size]:
+                if h and h not in self._seen_refs and h not in new:
+                    new.append(h)
+            if new:
+                self._ref.add(np.stack([np.asarray(ref_rows[h]) for h in new]))
+                self._seen_refs.update(new)
+        return self.compute_set()
 
     # -- description ----------------------------------------------------------------------
     def _resolved(self) -> Path | str | None:
@@ -565,23 +612,36 @@ class InceptionSetMetric(SetMetric):
     def update(self, items: Sequence[ScoringItem]) -> None:
         if not items:
             return
-        self._edits.add(self.extract([np.asarray(it.edit) for it in items]))
+        feats = self.extract([np.asarray(it.edit) for it in items])
+        self._edits.add(feats)
+        log = self._log
+        if log is not None:
+            log["edit"].append(np.asarray(feats))
         if self.reference_dir is not None:
+            if log is not None:
+                log["ref_hash"].extend([""] * len(items))
             return
-        imgs, hashes = [], []
+        imgs, hashes, item_hashes = [], [], []
         for it in items:
             ref = it.sample.source if self.reference == "source" else it.sample.target
             if ref is None:
+                item_hashes.append("")
                 continue
             ref = np.asarray(ref)
             h = image_hash(ref)
+            item_hashes.append(h)
             if h in self._seen_refs or h in hashes:
                 continue
             imgs.append(ref)
             hashes.append(h)
+        if log is not None:
+            log["ref_hash"].extend(item_hashes)
         if imgs:
-            self._ref.add(self._reference_features(imgs, hashes))
+            rows = self._reference_features(imgs, hashes)
+            self._ref.add(rows)
             self._seen_refs.update(hashes)
+            if log is not None:
+                log["ref_rows"].update(zip(hashes, np.asarray(rows)))
 
     def _reference_stats(self) -> FeatureStats:
         return self.reference_dir_stats() if self.reference_dir is not None else self._ref

@@ -36,7 +36,19 @@ def checked_jobs(points: Sequence[Sequence[str]]) -> Iterator[None]:
 
 
 class CheckedBasicSweeper(BasicSweeper):
-    """:class:`BasicSweeper` that trusts the jobs :func:`checked_jobs` names (module doc)."""
+    """:class:`BasicSweeper` that trusts the jobs :func:`checked_jobs` names (module doc), and
+    expands ``dataset.shards: N`` (in an experiment's ``hydra.sweeper.params`` or the command
+    line) into the sweep of its shards, ``dataset.shard=0/N,...,N-1/N`` (harness.merge)."""
+
+    def _parse_config(self) -> list[str]:
+        from harness.merge import expand_shards
+
+        return expand_shards(super()._parse_config())
+
+    def sweep(self, arguments: list[str]):
+        from harness.merge import expand_shards
+
+        return super().sweep(expand_shards(list(arguments)))
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         if batch and all(tuple(job) in _checked for job in batch):
