@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@if ! command -v chromium >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 		apt-get install -y -q chromium >/dev/null 2>&1 || echo "note: apt-get install chromium failed; the browser test will be skipped"; \
 	fi
+	# The study database's PostgreSQL test starts a throwaway server from Debian's postgresql binaries
+	# (tests/test_study_builder.py); installed here as root with apt, else that one test is skipped.
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql >/dev/null 2>&1 || echo "note: apt-get install postgresql failed; the PostgreSQL test will be skipped"; \
+	fi
 	# The SLURM tests start a single-node cluster (tests/test_slurm.py, ci/slurm/): Debian's slurm-wlm
 	# and munge, installed here when running as root with apt; without them those tests are skipped.
 	@bash ci/slurm/setup.sh >/dev/null 2>&1 || echo "note: slurm-wlm/munge not installed (needs root and apt-get); the SLURM tests will be skipped"

@@ -173,7 +173,8 @@ def test_the_parametrised_help_test_covers_every_command():
     assert set(COMMANDS) == set(HELP_COMMANDS)
 
 
-HELP_COMMANDS = ["report", "score", "validate", "weights", "list", "gate", "figures", "compare", "train-part-token"]
+HELP_COMMANDS = ["report", "score", "validate", "weights", "list", "gate", "figures", "compare", "train-part-token",
+                 "study"]
 
 
 @pytest.mark.parametrize("command", HELP_COMMANDS)

@@ -151,8 +151,9 @@ REAL_MODEL_ADAPTERS = sorted(n for n in METHODS.names() if issubclass(METHODS.ge
 @pytest.mark.parametrize("name", REAL_MODEL_ADAPTERS)
 def test_uncached_real_model_skips_every_sample(name, builder, tmp_path, empty_hub):
     ref = builder.image("images/ref.png", textured(24, 24, 9))  # every field an adapter may need
-    for sid, seed in (("a", 1), ("b", 2)):
-        builder.add_simple(sid, seed=seed, reference=ref)
+    for sid, seed in (("a", 1), ("b", 2)):  # a drag pair too (DragDiffusion, DragonDiffusion, DiffEditor)
+        builder.add_simple(sid, seed=seed, reference=ref, source_points=[[20, 20]], target_points=[[28, 24]],
+                           point_layout="drag")
     model = METHODS.get(name).Params().model
     # what a method needs beyond a sample's fields to reach its weights with 2 steps
     extra = {"ef_ddpm": {"skip": 1}}.get(name, {})

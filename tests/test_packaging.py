@@ -118,10 +118,14 @@ def test_wheel_holds_configs_sample_set_and_hydra_plugin_and_nothing_else(dists)
     assert "hydra_plugins/edit_harness_searchpath/__init__.py" in code and code <= names
     paper = {p.relative_to(REPO).as_posix() for p in (REPO / "results" / "paper").rglob("*") if p.is_file()}
     assert "results/paper/zone/table1.csv" in paper and {f"{RESOURCES}/{p}" for p in paper} <= names
+    # the study app's page templates, script and style sheet (package data of harness.study)
+    study = {p.relative_to(REPO).as_posix() for sub in ("templates", "static")
+             for p in (REPO / "harness" / "study" / sub).iterdir() if p.is_file()}
+    assert "harness/study/templates/rater.html" in study and study <= names
     # Nothing else: no tests, results, top-level conf/ or datasets/, build script, caches.
     dist_info = {n for n in names if n.split("/")[0].endswith(".dist-info")}
-    assert names - dist_info == (code | {f"{RESOURCES}/{c}" for c in confs} | {f"{RESOURCES}/{s}" for s in sample}
-                                 | {f"{RESOURCES}/{p}" for p in paper})
+    assert names - dist_info == (code | study | {f"{RESOURCES}/{c}" for c in confs}
+                                 | {f"{RESOURCES}/{s}" for s in sample} | {f"{RESOURCES}/{p}" for p in paper})
     assert "hydra_plugins/__init__.py" not in names
     # Size: the sample set is about 3 MB of PNGs, the whole wheel compressed about the same.
     sample_bytes = sum(infos[f"{RESOURCES}/{s}"].file_size for s in sample)
