@@ -145,7 +145,7 @@ class PieBenchDataset(DatasetLoader):
     """Loader for PIE-Bench's ``mapping_file.json`` + ``annotation_images/``.
 
     ``editing_types`` keeps only the given ``editing_type_id`` values (like the evaluation's
-    ``--edit_category_list``); ``ids``, ``shard`` ("i/n") and ``limit`` then apply in that order,
+    ``--edit_category_list``); ``ids``, ``limit`` and ``shard`` ("i/n", by id hash) then apply in that order,
     as in the generic format. Samples come in the mapping file's order.
     """
 
@@ -201,7 +201,7 @@ class PieBenchDataset(DatasetLoader):
         return self._mapping
 
     def refs(self) -> list[SampleRef]:
-        """All entries after editing-type filter, ids, shard and limit; no image is decoded.
+        """All entries after editing-type filter, ids, limit and shard; no image is decoded.
 
         Bad entries (missing fields, unknown editing type, malformed RLE) come back with ``error``.
         """
