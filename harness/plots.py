@@ -757,12 +757,16 @@ def _read_rgb(path: Path) -> np.ndarray:
 def _job_manifests(run_dir: Path) -> dict[str, dict[str, Any]]:
     import json
 
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for j in sorted((run_dir / "jobs").glob("*/manifest.json")):
         try:
-            out[j.parent.name] = json.loads(j.read_text())
+            m = json.loads(j.read_text())
         except (OSError, ValueError):
             continue  # a job without a readable manifest: its samples' sources are reported missing
+        # by folder, and by the job id the tables carry: the shards of a sharded job (folders
+        # <job>~shard<i>of<n>) share it, and any one of them names the dataset
+        out[j.parent.name] = m
+        out.setdefault(str(m.get("job") or j.parent.name), m)
     return out
 
 
@@ -861,6 +865,7 @@ def qualitative_grid(
         cfg = next(((manifests[j].get("config") or {}).get("dataset") for j in jobs if j in manifests), None)
         if not cfg:
             return None, "no job manifest records the dataset"
+        cfg = {**cfg, "shard": None}  # a shard's manifest: the sample may be in any shard of the dataset
         key = json.dumps(cfg, sort_keys=True, default=str)
         try:
             if key not in opened:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -433,3 +434,27 @@ def test_plot_wrappers_write_png_and_pdf_or_say_why_not(tmp_path):
     assert res.path is None and res.reason == "no rows for lpips [all]" and not (tmp_path / "none.png").exists()
     with pytest.raises(ValueError, match=r"a figure is written as \.png or \.pdf, not \.svg"):
         plot_clip_tradeoff(s, tmp_path / "c.svg")
+
+
+def test_grid_of_a_sharded_run_finds_every_source(tmp_path):
+    """A sharded job's folders (<job>~shard<i>of<n>) share its job id; each manifest names its own
+    shard of the dataset, yet every sample's source is found (in whichever shard it is)."""
+    import hashlib
+
+    run, data = _make_run(tmp_path)
+    job = run / "jobs" / "recolor-a"
+    manifest = json.loads((job / "manifest.json").read_text())
+    edits = pd.read_parquet(job / "edits.parquet")
+    shard_of = lambda sid: int(hashlib.sha1(sid.encode()).hexdigest(), 16) % 2  # noqa: E731
+    for i in range(2):
+        d = run / "jobs" / f"recolor-a~shard{i}of2"
+        d.mkdir()
+        cfg = {**manifest["config"], "dataset": {**manifest["config"]["dataset"], "shard": f"{i}/2"}}
+        (d / "manifest.json").write_text(json.dumps({**manifest, "config": cfg}))
+        edits[[shard_of(s) == i for s in edits["sample_id"]]].to_parquet(d / "edits.parquet")
+    shutil.rmtree(job)
+    assert {shard_of(s) for s in data["srcs"]} == {0, 1}  # both shards hold samples
+    g = qualitative_grid(run, methods=["recolor"])
+    fig = figure_grid(g, max_side=100)
+    for r, sid in enumerate(g.rows):
+        np.testing.assert_array_equal(_cell_pixels(fig.axes[r * len(g.columns)]), _thumb(data["srcs"][sid], 100))
