@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -47,6 +46,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import timed_edits  # noqa: E402
 
 SAMPLE_ID = "rocket_drag_taller"
 MODULES = {"diffeditor": "methods.diffeditor", "dragondiffusion": "methods.dragondiffusion"}
@@ -61,16 +62,6 @@ def load_sample():
     ds = GenericDataset(REPO / "datasets" / "sample", ids=[SAMPLE_ID])
     (ref,) = ds.refs()
     return ds.load(ref)
-
-
-def peak(device: str) -> float:
-    """Peak memory in GiB since the last reset (CUDA) or of the process (CPU, max RSS)."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
 
 
 def full_size_image_prompt(folder: Path, unet) -> tuple[Path, Path]:
@@ -133,20 +124,11 @@ def bench(name: str, a, folder: Path | None, device: str) -> list[dict]:
     print(f"\n{name}: {'SD 1.5 full architecture (random weights), CUDA, fp32' if a.full else 'tiny SD 1.5, CPU'}; "
           f"working area {p.resolution}^2 px, {p.num_inference_steps} steps; load {load_s:.1f} s; "
           f"sample {SAMPLE_ID} (one-point drag)")
-    method.edit(sample, 0)  # warm-up (kernels, caches)
     rows = []
-    for i in range(a.n):
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        out = method.edit(sample, i)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        prep = float(out.info["prep_seconds"])
+    for i, out, prep, infer, peak in timed_edits(method, sample, a.n, device):
         calls = out.info.get("network_calls") or {}
-        rows.append({"method": name, "edit": i, "prep_s": prep, "infer_s": total - prep, "total_s": total,
-                     **{k: int(calls.get(k, 0)) for k in COUNTED}, "peak_gib": peak(device),
+        rows.append({"method": name, "edit": i, "prep_s": prep, "infer_s": infer, "total_s": prep + infer,
+                     **{k: int(calls.get(k, 0)) for k in COUNTED}, "peak_gib": peak,
                      "task": out.info.get("task"), "steps": int(p.num_inference_steps)})
     print(f"{'edit':>4} {'prep s':>8} {'infer s':>8} {'total s':>8} {'UNet':>5} {'estim.':>6} {'img enc':>7} "
           f"{'peak GiB':>9}")

@@ -27,14 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _timing import timed_edits  # noqa: E402
 
 SAMPLE_ID = "rocket_drag_taller"
 PAPER = {"usercontrollablelt": (1.1, 0.04), "draggan": (50.22, 6.28)}  # DiffEditor Table 1, A100
@@ -93,24 +94,10 @@ def build(name: str, full: bool, steps: int | None, ckpts: dict[str, Path] | Non
 
 
 def measure(method, sample, device: str, n: int) -> list[dict]:
-    import torch
-
-    method.edit(sample, 0)  # warm-up (loading, kernels)
     rows = []
-    for i in range(n):
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        out = method.edit(sample, i)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        prep = float(out.info["prep_seconds"])
-        peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30
+    for _i, out, prep, infer, peak in timed_edits(method, sample, n, device):
         drag_steps = out.info.get("drag_steps", out.info.get("transformer_calls"))
-        rows.append({"method": method.name, "prep_s": prep, "infer_s": total - prep, "drag_steps": drag_steps,
+        rows.append({"method": method.name, "prep_s": prep, "infer_s": infer, "drag_steps": drag_steps,
                      "inversion_steps": out.info["inversion"]["steps"],
                      "tune_steps": out.info["inversion"]["tune_steps_run"],
                      "network_calls": out.info["network_calls"], "peak_gib": peak})

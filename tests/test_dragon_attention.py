@@ -6,6 +6,7 @@ import pytest
 
 from methods.diffusion.attention import AttentionController, ControllerList
 
+from ._dragon import tiny_sd15_latent
 from .conftest import textured
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -16,18 +17,8 @@ N = 6
 @pytest.fixture(scope="module")
 def tiny():
     """Tiny SD 1.5 components, a 64 x 64 image's latent, its text embedding and schedule."""
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from methods.diffusion.inversion import encode_image, encode_prompt, make_schedule
-    from methods.diffusion.tiny import tiny_sd15
-
-    pipe = StableDiffusionPipeline(**tiny_sd15(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    with torch.no_grad():
-        z0 = encode_image(pipe, textured(64, 64, seed=3))
-        cond = encode_prompt(pipe, "a red thing")
-    return pipe, z0, cond, make_schedule(pipe.scheduler, N)
+    pipe, z0, cond, _uncond, sched = tiny_sd15_latent(N)
+    return pipe, z0, cond, sched
 
 
 class Spy(AttentionController):

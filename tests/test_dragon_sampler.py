@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from .conftest import textured
+from ._dragon import tiny_sd15_latent
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -15,19 +15,7 @@ N = 50  # the code's windows are 50-step positions: the plan's own step count
 
 @pytest.fixture(scope="module")
 def tiny():
-    import torch
-    from diffusers import StableDiffusionPipeline
-
-    from methods.diffusion.inversion import encode_image, encode_prompt, make_schedule
-    from methods.diffusion.tiny import tiny_sd15
-
-    pipe = StableDiffusionPipeline(**tiny_sd15(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    with torch.no_grad():
-        z0 = encode_image(pipe, textured(64, 64, seed=3))
-        cond = encode_prompt(pipe, "a red thing")
-        uncond = encode_prompt(pipe, "")
-    return pipe, z0, cond, uncond, make_schedule(pipe.scheduler, N)
+    return tiny_sd15_latent(N)
 
 
 @pytest.fixture(scope="module")
