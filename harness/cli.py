@@ -945,8 +945,10 @@ def _print_method_weights(methods: list[tuple[str, dict]]) -> int:
             if problem:
                 missing += 1
                 print(f"  MISSING  method {name}: {what}: {problem}")
-            else:
+            elif len(needs) == 1:  # the method's revision names this one model
                 print(f"  present  method {name}: {what} ({method.model_revision()})")
+            else:  # the revision combines every entry's: it would not describe this one
+                print(f"  present  method {name}: {what}")
     return missing
 
 

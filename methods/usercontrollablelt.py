@@ -161,7 +161,7 @@ class UserControllableLT(GanEditMethod):
 
     def extra_weights_status(self) -> list[tuple[str, str | None]]:
         what = (f"latent transformer ({RANDOM_WEIGHTS_LABEL})" if self.params.backbone == "tiny"
-                else f"latent transformer {self.params.transformer_path}")
+                else f"latent transformer {self.params.transformer_path or '(method.transformer_path not set)'}")
         return [(what, self._transformer_problem())]
 
     def extra_revision(self) -> str:

@@ -218,3 +218,27 @@ def test_a_task_that_cannot_be_built_is_skipped_naming_the_sample_and_field():
     with pytest.raises(SkipSample, match="speck") as e:
         m.edit(s, 0)
     assert "mask" in str(e.value)
+
+
+def test_weights_status_names_the_image_prompt_files(tmp_path):
+    """`edit-harness weights`: DiffEditor's image prompt needs ip_sd15_64.bin (a local file) and the
+    image encoder, each named with how to provide it; DragonDiffusion (no image prompt) needs neither."""
+    from harness.registry import METHODS
+
+    import methods  # noqa: F401
+
+    de = METHODS.get("diffeditor")
+    status = dict(de(de.parse_params({"image_encoder": str(tmp_path)})).weights_status())
+    assert status["image prompt ip_sd15_64.bin"].startswith("method.ip_weights is not set")
+    assert status[f"image encoder {tmp_path} (models/image_encoder)"] is None  # a local folder
+    missing = tmp_path / "nope.bin"
+    status = dict(de(de.parse_params({"ip_weights": str(missing)})).weights_status())
+    assert status[f"image prompt {missing}"].startswith("the file does not exist")
+    weights = tmp_path / "ip.bin"
+    weights.write_bytes(b"x")
+    assert dict(de(de.parse_params({"ip_weights": str(weights)})).weights_status())[f"image prompt {weights}"] is None
+    assert not any("image" in what for what, _ in de(de.parse_params({"image_prompt": False})).weights_status())
+    dd = METHODS.get("dragondiffusion")
+    assert [what for what, _ in dd(dd.parse_params({})).weights_status()] == ["stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    tiny = dict(de(de.parse_params({"backbone": "tiny"})).weights_status())
+    assert any(k.startswith("image prompt: tiny encoder") and v is None for k, v in tiny.items())

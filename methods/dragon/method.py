@@ -158,6 +158,40 @@ class DragonMethod(DiffusionMethod):
     def uses_image_prompt(self) -> bool:
         return self.algorithm == "diffeditor" and bool(self.params.image_prompt)
 
+    def weights_status(self) -> list[tuple[str, str | None]]:
+        """SD 1.5 (the base's entry), and with the image prompt on: the released ``ip_sd15_64.bin``
+        (a local file) and the OpenCLIP ViT-H/14 image encoder (hub id or local folder)."""
+        import os
+
+        from ..diffusion.tiny import RANDOM_WEIGHTS_LABEL
+
+        out = super().weights_status()
+        if not self.uses_image_prompt():
+            return out
+        p = self.params
+        if p.backbone == "tiny" and not p.ip_weights:
+            return [*out, (f"image prompt: tiny encoder and resampler ({RANDOM_WEIGHTS_LABEL})", None)]
+        get = ("download ip_sd15_64.bin from the Hugging Face repo Adapter/DragonDiffusion (model/ip_sd15_64.bin) "
+               "and set method.ip_weights=<its path>; or run without the image prompt (method.image_prompt=false)")
+        if not p.ip_weights:
+            out.append(("image prompt ip_sd15_64.bin", f"method.ip_weights is not set: {get}"))
+        elif not os.path.isfile(os.path.expanduser(p.ip_weights)):
+            out.append((f"image prompt {p.ip_weights}", f"the file does not exist: {get}"))
+        else:
+            out.append((f"image prompt {p.ip_weights}", None))
+        what = f"image encoder {p.image_encoder} ({p.image_encoder_subfolder})"
+        src = os.path.expanduser(p.image_encoder)
+        if os.path.isdir(src):
+            out.append((what, None))
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(p.image_encoder, f"{p.image_encoder_subfolder}/config.json")
+            out.append((what, None if isinstance(hit, str) else (
+                f"not in the Hugging Face hub cache; put the {p.image_encoder} snapshot there (HF_HOME / "
+                "HF_HUB_CACHE) or set method.image_encoder=<local folder of the encoder>")))
+        return out
+
     def prepare(self) -> None:
         super().prepare()
         if self.uses_image_prompt() and self._image_prompt is None:

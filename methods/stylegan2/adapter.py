@@ -169,7 +169,7 @@ class GanEditMethod(Method):
     def weights_status(self) -> list[tuple[str, str | None]]:
         p = self.params
         gen = (f"StyleGAN2 tiny generator ({RANDOM_WEIGHTS_LABEL})" if p.backbone == "tiny"
-               else f"StyleGAN2 generator {self.generator_file()}")
+               else f"StyleGAN2 generator {self.generator_file() or '(method.generator_path not set)'}")
         lp = self._lpips_resolved()
         return [(gen, self._generator_problem()),
                 ("LPIPS VGG (inversion loss)", lp if isinstance(lp, str) else None), *self.extra_weights_status()]
