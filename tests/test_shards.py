@@ -117,14 +117,21 @@ def test_merged_shards_equal_the_unsharded_job(builder, tmp_path, method):
     pd.testing.assert_frame_equal(e, e1, check_exact=True)
 
 
-def test_merge_names_missing_unfinished_and_doubled_shards(builder, tmp_path, capsys):
-    for i in range(6):
+def _sharded_identity_run(builder, tmp_path, samples: int, shards: int):
+    """``samples`` synthetic samples edited by identity in ``shards`` shard jobs: (dataset config,
+    run folder, the one sharded job)."""
+    for i in range(samples):
         builder.add_simple(f"s{i}")
     ds = {**builder.config(), "shard": None}  # as in every dataset YAML
-    for i in range(3):
-        _run({**ds, "shard": f"{i}/3"}, tmp_path)
+    for i in range(shards):
+        _run({**ds, "shard": f"{i}/{shards}"}, tmp_path)
     run = tmp_path / "test"
     (g,) = sharded_jobs(run)
+    return ds, run, g
+
+
+def test_merge_names_missing_unfinished_and_doubled_shards(builder, tmp_path, capsys):
+    ds, run, g = _sharded_identity_run(builder, tmp_path, 6, 3)
     assert g.count == 3 and sorted(g.folders) == [0, 1, 2]
     assert len(load_run(run)[1]) == 6
 
@@ -157,13 +164,7 @@ def test_merge_names_missing_unfinished_and_doubled_shards(builder, tmp_path, ca
 
 
 def test_a_sample_in_two_shards_is_refused(builder, tmp_path):
-    for i in range(4):
-        builder.add_simple(f"s{i}")
-    ds = {**builder.config(), "shard": None}  # as in every dataset YAML
-    for i in range(2):
-        _run({**ds, "shard": f"{i}/2"}, tmp_path)
-    run = tmp_path / "test"
-    (g,) = sharded_jobs(run)
+    _ds, run, g = _sharded_identity_run(builder, tmp_path, 4, 2)
     # shard 1's table altered as if made from another dataset: it repeats a sample of shard 0
     e0 = pd.read_parquet(g.folders[0] / "edits.parquet")
     e1 = pd.read_parquet(g.folders[1] / "edits.parquet")
